@@ -1,0 +1,94 @@
+"""The `lvr` commands, driven through click's CliRunner on the bundled models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lvr_local.cli import cli
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_models_lists_the_bundled_pair(isolated_home: Path) -> None:
+    code, out = run("models", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    records = {m["name"]: m for m in data["models"]}
+    assert records["smollm2-135m"]["status"] == "found"
+    assert records["smollm2-135m"]["n_vocab"] == 49_152
+    assert records["gemma3-270m"]["tokenizer"] == "llama"
+    code, out = run("models")
+    assert code == 0 and "smollm2-135m" in out and "262144" in out and "found" in out
+
+
+def test_models_reports_a_missing_file(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text('[[model]]\nname = "ghost"\nsource = "ghost.gguf"\n')
+    code, out = run("--config", str(config), "models")
+    assert code == 0
+    assert "ghost" in out and "missing" in out
+
+
+def test_vocab_summary_and_dump(smollm2_path: Path) -> None:
+    code, out = run("vocab", "smollm2-135m", "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["n_tokens"] == 49_152 and summary["tokenizer_model"] == "gpt2"
+    code, out = run("vocab", str(smollm2_path), "--dump")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 49_152
+    token_id, kind, hex_bytes = lines[260].split("\t")
+    assert token_id == "260" and kind == "normal" and bytes.fromhex(hex_bytes)
+    assert lines[0].split("\t")[2] == "-"  # <|endoftext|>: END, no bytes
+
+
+def test_vocab_verify(smollm2_path: Path) -> None:
+    code, out = run("vocab", "smollm2-135m", "--verify", "--json")
+    assert code == 0, out
+    assert json.loads(out)["verify"]["mismatches"] == 0
+
+
+def test_common_on_the_bundled_pair() -> None:
+    code, out = run("common", "smollm2-135m", "gemma3-270m", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert 45_000 < report["n_pieces"] < 47_500
+    assert [m["name"] for m in report["models"]] == ["smollm2-135m", "gemma3-270m"]
+    code, out = run("common", "smollm2-135m", "gemma3-270m")
+    assert code == 0 and "common pieces" in out and "COVERAGE" in out
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[defaults]\ncombine = 'median'\n")
+    text_file = tmp_path / "notes.gguf"
+    text_file.write_text("not a model")
+    cases = [
+        (("--config", str(bad_config), "models"), "'combine' must be one of"),
+        (("vocab", "no-such-model"), "unknown model 'no-such-model'"),
+        (("vocab", str(tmp_path / "absent.gguf")), "model file not found"),
+        (("vocab", str(text_file)), "is not a GGUF file"),
+        (("common", "smollm2-135m"), "give at least two models"),
+    ]
+    for args, message in cases:
+        code, out = run(*args)
+        assert code != 0, args
+        assert message in out, (args, out)
+        assert "Traceback" not in out
+
+
+def test_paths_follow_lvr_home(isolated_home: Path) -> None:
+    code, out = run("paths")
+    assert code == 0 and str(isolated_home) in out
+
+
+def test_help_everywhere() -> None:
+    for args in ((), ("models",), ("vocab",), ("common",), ("paths",)):
+        code, out = run(*args, "--help")
+        assert code == 0 and "Usage:" in out

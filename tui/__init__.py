@@ -1,0 +1,1 @@
+"""Textual chat UI for lvr-local ensembles (`lvr tui`)."""
