@@ -26,7 +26,8 @@ class NextTokenModel(Protocol):
 
     def next_logits(self, prefixes: Sequence[TokenPrefix]) -> list[np.ndarray]:
         """One array of shape (n_vocab,) per prefix, in order: unnormalised log-scores
-        (logits) or log-probabilities; the engine applies its own log-softmax."""
+        (logits) or log-probabilities; the engine applies its own log-softmax. The engine
+        keeps a returned array without copying it, so it must not change afterwards."""
         ...
 
     def release(self, prefixes: Sequence[TokenPrefix]) -> None:
