@@ -1,8 +1,11 @@
-"""Benchmarks that decisions rest on. `python -m lvr_local.benchmarks engine`.
+"""Benchmarks that decisions rest on. `python -m lvr_local.benchmarks engine|backend`.
 
 engine: (a) cold build time of Gemma's decomposition tables over the common vocabulary
 of the bundled pair; (b) the reduction engine's own work per piece (everything but the
 forward pass), fed by a fake model that returns precomputed peaked logits.
+
+backend: greedy decoding speed of the prefix-cached llama.cpp backend (one alive prefix,
+the engine's common case) against plain llama-cpp-python, for both bundled models.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -113,7 +117,104 @@ def engine() -> None:
         bench_steps(gemma, mcv, likely, "(ii) gemma over the common vocabulary", precision)
 
 
-BENCHMARKS = {"engine": engine}
+# ----- backend: the prefix-cached llama.cpp backend vs plain llama-cpp-python ---------
+
+BACKEND_PROMPT = b"Question: What is 12 plus 30?\nAnswer:"
+
+
+class PlainGreedy:
+    """Plain llama-cpp-python: high-level Llama, eval one token at a time, argmax over the
+    logits read into numpy (a zero-copy view)."""
+
+    def __init__(self, path: Path, prompt: list[int], threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.model = Llama(
+            str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+        self.n_vocab = self.model.n_vocab()
+        self.model.eval(prompt)
+        self.tokens: list[int] = []
+
+    def step(self) -> None:
+        logits = np.ctypeslib.as_array(self.model._ctx.get_logits(), shape=(self.n_vocab,))
+        self.tokens.append(int(logits.argmax()))
+        self.model.eval([self.tokens[-1]])
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class BackendGreedy:
+    """The backend's common case: one alive prefix, extended by its argmax each step
+    (ask for the child, then release the parent, as the engine does)."""
+
+    def __init__(self, path: Path, prompt: list[int], threads: int) -> None:
+        from lvr_local.backend import LlamaBackend
+
+        self.backend = LlamaBackend(path, n_ctx=1024, n_threads=threads)
+        self.backend.set_prompt(prompt)
+        self.prefix: TokenPrefix = ()
+        (self.row,) = self.backend.next_logits([self.prefix])
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.prefix)
+
+    def step(self) -> None:
+        child = (*self.prefix, int(self.row.argmax()))
+        (self.row,) = self.backend.next_logits([child])
+        self.backend.release([self.prefix])
+        self.prefix = child
+
+    def close(self) -> None:
+        c = self.backend.counters
+        assert c.sequence_copies == 0 and c.forward_passes == len(self.prefix) + 1
+        self.backend.close()
+
+
+def bench_backend_model(name: str, source: str, n_tokens: int, threads: int) -> None:
+    """Both decoders side by side in one process, one step each in turn (ABBA order), so
+    that bursts of load on a shared machine hit both alike; medians of per-step times."""
+    from lvr_local.backend import LlamaBackend
+
+    path = resolve_source(source)
+
+    with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
+        prompt = probe.tokenize(BACKEND_PROMPT, True, False)
+    plain = PlainGreedy(path, prompt, threads)
+    ours = BackendGreedy(path, prompt, threads)
+    times: dict[str, list[float]] = {"plain": [], "ours": []}
+    for i in range(n_tokens):
+        order = [("plain", plain), ("ours", ours)]
+        for label, decoder in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            decoder.step()
+            times[label].append(time.perf_counter() - start)
+    pairs = zip(ours.tokens, plain.tokens, strict=True)
+    same = next((i for i, (x, y) in enumerate(pairs) if x != y), n_tokens)
+    plain.close()
+    ours.close()
+    med = {k: 1.0 / float(np.median(v)) for k, v in times.items()}
+    total = {k: len(v) / float(np.sum(v)) for k, v in times.items()}
+    print(f"  {name:<8} llama-cpp-python {med['plain']:6.1f} tok/s   backend "
+          f"{med['ours']:6.1f} tok/s   ratio {med['ours'] / med['plain']:.3f} (target >= 0.95)")
+    print(f"  {'':<8} (from total times: {total['plain']:.1f} vs {total['ours']:.1f} tok/s, "
+          f"ratio {total['ours'] / total['plain']:.3f}); identical greedy tokens for the "
+          f"first {same} of {n_tokens} steps")
+
+
+def backend(n_tokens: int = 256) -> None:
+    from lvr_local.backend import physical_cores
+
+    threads = physical_cores()
+    print(f"greedy decoding, {n_tokens} tokens after a {len(BACKEND_PROMPT)}-byte prompt, "
+          f"n_threads={threads}, tok/s from the median step time:")
+    for name, source in (("SmolLM2", SMOLLM2), ("Gemma3", GEMMA3)):
+        bench_backend_model(name, source, n_tokens, threads)
+
+
+BENCHMARKS = {"engine": engine, "backend": backend}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

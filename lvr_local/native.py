@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 import llama_cpp as L
+import numpy as np
 
-from lvr_local.errors import ModelFileError
+from lvr_local.errors import LvrError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 _recent_log: collections.deque[str] = collections.deque(maxlen=40)
@@ -110,6 +111,133 @@ class LlamaModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaContext:
+    """Owns one `llama_context*` and its KV memory: decoding, logits rows, sequence edits.
+
+    The context keeps a reference to its model so the model cannot be freed first.
+    Not thread-safe: llama.cpp contexts must be driven from one thread.
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+        n_ubatch: int | None = None,
+    ) -> None:
+        params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_ubatch or n_batch
+        params.n_seq_max = n_seq_max
+        # The low-level default (4) is far too many on small machines: set both explicitly.
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        # One pool of cells for all sequences: otherwise each gets only n_ctx / n_seq_max.
+        params.kv_unified = True
+        # Branches trim back arbitrarily far; a sliding-window cache cut to the window
+        # (Gemma 3) could not do that.
+        params.swa_full = True
+        params.no_perf = True
+        _recent_log.clear()
+        self.model = model
+        self.ptr = L.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            detail = recent_errors() or "no detail from llama.cpp"
+            raise LvrError(
+                f"llama.cpp could not create a context for {model.path} "
+                f"(n_ctx={n_ctx}, n_batch={n_batch}, n_seq_max={n_seq_max}): {detail}"
+            )
+        self.memory = L.llama_get_memory(self.ptr)
+        self.n_ctx = L.llama_n_ctx(self.ptr)
+        self.n_batch = L.llama_n_batch(self.ptr)
+        self.n_seq_max = L.llama_n_seq_max(self.ptr)
+
+    def decode(self, batch: LlamaBatch) -> int:
+        """llama_decode's status: 0 ok, 1 no KV slot (memory left unchanged), else failure."""
+        return L.llama_decode(self.ptr, batch.struct)
+
+    def logits_row(self, i: int, n_vocab: int) -> np.ndarray:
+        """A copy of the logits of output `i` of the last decode (only that row is copied)."""
+        ptr = L.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise LvrError(f"llama.cpp returned no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Let `dst` share the cells of `src` at positions [p0, p1): no data is copied."""
+        L.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        """Drop `seq` from its cells at positions [p0, p1) (p1 < 0: to the end)."""
+        return bool(L.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def seq_pos_range(self, seq: int) -> tuple[int, int]:
+        """(lowest, highest) position `seq` holds; (-1, -1) when it is empty."""
+        return (
+            L.llama_memory_seq_pos_min(self.memory, seq),
+            L.llama_memory_seq_pos_max(self.memory, seq),
+        )
+
+    def clear(self) -> None:
+        L.llama_memory_clear(self.memory, False)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            L.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaBatch:
+    """Owns one `llama_batch` of fixed capacity, one sequence id per token.
+
+    llama.cpp aborts the whole process on a batch larger than the context's n_batch, so
+    the capacity is n_batch and `fill` refuses more instead of letting that happen.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.struct = L.llama_batch_init(capacity, 0, 1)
+        b = self.struct
+        self._tokens = np.ctypeslib.as_array(b.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(capacity,))
+        self._n_seq_id = np.ctypeslib.as_array(b.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(b.logits, shape=(capacity,))
+        self._seq_slots = [b.seq_id[i] for i in range(capacity)]
+        self._n_seq_id[:] = 1
+
+    def fill(
+        self, tokens: list[int], positions: list[int], seqs: list[int], want_logits: list[bool]
+    ) -> None:
+        """Lay out one batch: token i goes to sequence seqs[i] at positions[i]."""
+        n = len(tokens)
+        if n > self.capacity:
+            raise ValueError(f"batch of {n} tokens exceeds its capacity {self.capacity}")
+        self._tokens[:n] = tokens
+        self._pos[:n] = positions
+        self._logits[:n] = want_logits
+        for slot, seq in zip(self._seq_slots, seqs, strict=False):
+            slot[0] = seq
+        self.struct.n_tokens = n
+
+    def close(self) -> None:
+        if getattr(self, "struct", None) is not None:
+            # Drop the views first: they point into the memory freed below.
+            self._tokens = self._pos = self._n_seq_id = self._logits = None
+            self._seq_slots = []
+            L.llama_batch_free(self.struct)
+            self.struct = None
 
     def __del__(self) -> None:
         self.close()
