@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import llama_cpp  # noqa: F401  (before numpy: the other order segfaulted on a CUDA machine)
 import numpy as np
 
 from lvr_local import subvocab
@@ -65,8 +66,10 @@ def bench_build(gemma: Vocabulary, sub: SubVocabulary) -> None:
     first = timed(lambda: build_tables(gemma, sub))
     again = [timed(lambda: build_tables(gemma, sub)) for _ in range(3)]
     print(f"(a) tables of {gemma.name} ({gemma.n_tokens:,} tokens) over {sub.describe()}:")
-    print(f"    first build in this process {first * 1e3:.0f} ms, "
-          f"then median {np.median(again) * 1e3:.0f} ms (target < 2000 ms)")
+    print(
+        f"    first build in this process {first * 1e3:.0f} ms, "
+        f"then median {np.median(again) * 1e3:.0f} ms (target < 2000 ms)"
+    )
 
 
 def bench_steps(
@@ -96,8 +99,10 @@ def bench_steps(
             scored.append(sum(1 for n in state.nodes() if not n.pending))
     ms = np.array(times) * 1e3
     label = f"{label}, {precision} exp"
-    print(f"    {label:<50} median {np.median(ms):.3f} ms  p90 {np.percentile(ms, 90):.3f} ms"
-          f"  (alive nodes {np.mean(nodes):.2f}, fresh {np.mean(scored):.2f})")
+    print(
+        f"    {label:<50} median {np.median(ms):.3f} ms  p90 {np.percentile(ms, 90):.3f} ms"
+        f"  (alive nodes {np.mean(nodes):.2f}, fresh {np.mean(scored):.2f})"
+    )
 
 
 def engine() -> None:
@@ -105,12 +110,16 @@ def engine() -> None:
     gemma = load_vocabulary(resolve_source(GEMMA3))
     start = time.perf_counter()
     mcv = subvocab.common([smol, gemma])
-    print(f"common vocabulary of the bundled pair: {mcv.describe()} "
-          f"in {(time.perf_counter() - start) * 1e3:.0f} ms")
+    print(
+        f"common vocabulary of the bundled pair: {mcv.describe()} "
+        f"in {(time.perf_counter() - start) * 1e3:.0f} ms"
+    )
     bench_build(gemma, mcv)
     own = SubVocabulary.from_pieces("gemma-own", gemma.byte_strings | set(subvocab.ALL_BYTES))
-    print("(b) engine work per piece: next_piece_logprobs + advance, fake forward pass, "
-          "prune 1e-9 (target median < 0.5 ms):")
+    print(
+        "(b) engine work per piece: next_piece_logprobs + advance, fake forward pass, "
+        "prune 1e-9 (target median < 0.5 ms):"
+    )
     likely = np.flatnonzero(build_tables(gemma, mcv).n_pieces == 1)
     for precision in ("float32", "float64"):
         bench_steps(gemma, own, likely, "(i) gemma over its own vocabulary", precision)
@@ -173,48 +182,227 @@ class BackendGreedy:
         self.backend.close()
 
 
-def bench_backend_model(name: str, source: str, n_tokens: int, threads: int) -> None:
-    """Both decoders side by side in one process, one step each in turn (ABBA order), so
-    that bursts of load on a shared machine hit both alike; medians of per-step times."""
+class ReducedGreedy:
+    """Backend + reduction engine: greedy over the reduced next-piece distribution."""
+
+    def __init__(self, path: Path, prompt: list[int], threads: int, sub: SubVocabulary) -> None:
+        from lvr_local.backend import LlamaBackend
+        from lvr_local.decompose import decomposition_tables
+        from lvr_local.reduction import ReducedState
+
+        self.backend = LlamaBackend(path, n_ctx=1024, n_threads=threads)
+        self.backend.set_prompt(prompt)
+        tables = decomposition_tables(load_vocabulary(path), sub)
+        self.state = ReducedState(self.backend, tables)
+        self.n_bytes = 0
+
+    def step(self) -> None:
+        piece = int(np.argmax(self.state.next_piece_logprobs()))
+        self.state.advance(piece)
+        self.n_bytes += len(self.state.tables.sub.piece_bytes(piece))
+
+    def close(self) -> None:
+        self.state.close()
+        self.backend.close()
+
+
+def bench_backend_model(
+    name: str, source: str, n_tokens: int, threads: int, mcv: SubVocabulary
+) -> None:
+    """The decoders side by side in one process, one step each in turn (rotating order),
+    so that bursts of load on a shared machine hit all alike; medians of per-step times.
+    Plain and backend steps are tokens; engine steps are pieces, so bytes/s is compared
+    too (plain's bytes are those of its greedy tokens)."""
     from lvr_local.backend import LlamaBackend
 
     path = resolve_source(source)
-
+    vocab = load_vocabulary(path)
+    own = SubVocabulary.from_pieces("own", vocab.byte_strings)
     with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
         prompt = probe.tokenize(BACKEND_PROMPT, True, False)
-    plain = PlainGreedy(path, prompt, threads)
-    ours = BackendGreedy(path, prompt, threads)
-    times: dict[str, list[float]] = {"plain": [], "ours": []}
+    decoders = {
+        "plain": PlainGreedy(path, prompt, threads),
+        "backend": BackendGreedy(path, prompt, threads),
+        "engine-own": ReducedGreedy(path, prompt, threads, own),
+        "engine-mcv": ReducedGreedy(path, prompt, threads, mcv),
+    }
+    times: dict[str, list[float]] = {k: [] for k in decoders}
+    labels = list(decoders)
     for i in range(n_tokens):
-        order = [("plain", plain), ("ours", ours)]
-        for label, decoder in order if i % 2 == 0 else order[::-1]:
+        shift = i % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             start = time.perf_counter()
-            decoder.step()
+            decoders[label].step()
             times[label].append(time.perf_counter() - start)
-    pairs = zip(ours.tokens, plain.tokens, strict=True)
+    plain, ours = decoders["plain"], decoders["backend"]
+    pairs = zip(ours.tokens, plain.tokens, strict=True)  # type: ignore[attr-defined]
     same = next((i for i, (x, y) in enumerate(pairs) if x != y), n_tokens)
-    plain.close()
-    ours.close()
-    med = {k: 1.0 / float(np.median(v)) for k, v in times.items()}
-    total = {k: len(v) / float(np.sum(v)) for k, v in times.items()}
-    print(f"  {name:<8} llama-cpp-python {med['plain']:6.1f} tok/s   backend "
-          f"{med['ours']:6.1f} tok/s   ratio {med['ours'] / med['plain']:.3f} (target >= 0.95)")
-    print(f"  {'':<8} (from total times: {total['plain']:.1f} vs {total['ours']:.1f} tok/s, "
-          f"ratio {total['ours'] / total['plain']:.3f}); identical greedy tokens for the "
-          f"first {same} of {n_tokens} steps")
+    plain_bytes = sum(len(vocab.token_bytes(t) or b"") for t in plain.tokens)  # type: ignore[attr-defined]
+    rate = {k: 1.0 / float(np.median(v)) for k, v in times.items()}
+    byte_rate = {
+        "plain": plain_bytes / float(np.sum(times["plain"])),
+        **{
+            k: d.n_bytes / float(np.sum(times[k]))  # type: ignore[attr-defined]
+            for k, d in decoders.items()
+            if k.startswith("engine")
+        },
+    }
+    for decoder in decoders.values():
+        decoder.close()
+    print(
+        f"  {name}: plain llama-cpp-python {rate['plain']:.1f} tok/s ({byte_rate['plain']:.0f} "
+        f"bytes/s); greedy tokens identical to the backend's for {same}/{n_tokens} steps"
+    )
+    print(
+        f"    backend            {rate['backend']:6.1f} tok/s     ratio "
+        f"{rate['backend'] / rate['plain']:.3f} (target >= 0.95)"
+    )
+    for label, target in (("engine-own", 0.95), ("engine-mcv", 0.9)):
+        print(
+            f"    {label:<18} {rate[label]:6.1f} pieces/s  ratio "
+            f"{rate[label] / rate['plain']:.3f} (target >= {target}); bytes/s ratio "
+            f"{byte_rate[label] / byte_rate['plain']:.3f}"
+        )
 
 
 def backend(n_tokens: int = 256) -> None:
     from lvr_local.backend import physical_cores
 
     threads = physical_cores()
-    print(f"greedy decoding, {n_tokens} tokens after a {len(BACKEND_PROMPT)}-byte prompt, "
-          f"n_threads={threads}, tok/s from the median step time:")
+    print(
+        f"greedy decoding, {n_tokens} tokens after a {len(BACKEND_PROMPT)}-byte prompt, "
+        f"n_threads={threads}, tok/s from the median step time:"
+    )
+    mcv = subvocab.common([load_vocabulary(resolve_source(s)) for s in (SMOLLM2, GEMMA3)])
     for name, source in (("SmolLM2", SMOLLM2), ("Gemma3", GEMMA3)):
-        bench_backend_model(name, source, n_tokens, threads)
+        bench_backend_model(name, source, n_tokens, threads, mcv)
 
 
-BENCHMARKS = {"engine": engine, "backend": backend}
+# ----- ensemble: `lvr bench` ------------------------------------------------------------
+
+
+class EnsembleRun:
+    """An ensemble of the bundled pair generating greedily from BACKEND_PROMPT."""
+
+    def __init__(self, sub_vocab: str, threads: int, concurrent: bool) -> None:
+        from lvr_local.config import Defaults, ModelSpec
+        from lvr_local.ensemble import Ensemble, load_member
+        from lvr_local.sampling import Sampler, SamplingParams
+
+        self.members = [
+            load_member(
+                ModelSpec(name=name, source=source, n_ctx=2048), Defaults(), n_threads=threads
+            )
+            for name, source in (("smollm2", SMOLLM2), ("gemma3", GEMMA3))
+        ]
+        self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
+        self.ensemble.start_raw(BACKEND_PROMPT + b" ")
+        self.events = self.ensemble.generate(Sampler(SamplingParams()), max_pieces=10**6)
+        self.n_bytes = 0
+        self.engine_seconds = 0.0
+
+    def step(self) -> None:
+        self.n_bytes += len(next(self.events).text)
+
+    def forward_passes(self) -> int:
+        return sum(m.backend.counters.forward_passes for m in self.members)
+
+    def close(self) -> None:
+        self.events.close()
+        self.ensemble.close()
+        for m in self.members:
+            m.close()
+
+
+def ensemble_bench(n_steps: int = 128) -> dict[str, object]:
+    """Native speed of each model and ensemble speeds, measured side by side in one run."""
+    import resource
+
+    from lvr_local.backend import LlamaBackend, physical_cores
+
+    threads = physical_cores()
+    paths = {name: resolve_source(src) for name, src in (("smollm2", SMOLLM2), ("gemma3", GEMMA3))}
+    runs: dict[str, object] = {}
+    for name, path in paths.items():
+        with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
+            prompt = probe.tokenize(BACKEND_PROMPT, True, False)
+        runs[f"native {name}"] = PlainGreedy(path, prompt, threads)
+    runs["ensemble mcv"] = EnsembleRun("mcv", threads, concurrent=False)
+    runs["ensemble mcv, concurrent"] = EnsembleRun("mcv", max(1, threads // 2), concurrent=True)
+    runs["ensemble bytes"] = EnsembleRun("bytes", threads, concurrent=False)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    labels = list(runs)
+    for i in range(n_steps):
+        shift = i % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            runs[label].step()  # type: ignore[attr-defined]
+            times[label].append(time.perf_counter() - start)
+    t_native = {name: float(np.median(times[f"native {name}"])) for name in paths}
+    ideal = 1.0 / sum(t_native.values())
+    report: dict[str, object] = {
+        "steps": n_steps,
+        "threads": threads,
+        "native_tokens_per_s": {k: round(1.0 / v, 1) for k, v in t_native.items()},
+        "ideal_sequential_pieces_per_s": round(ideal, 1),
+        "ensembles": {},
+    }
+    for label in labels:
+        if not label.startswith("ensemble"):
+            continue
+        run = runs[label]
+        assert isinstance(run, EnsembleRun)
+        total = float(np.sum(times[label]))
+        rate = 1.0 / float(np.median(times[label]))
+        report["ensembles"][label] = {  # type: ignore[index]
+            "pieces_per_s": round(rate, 1),
+            "bytes_per_s": round(run.n_bytes / total, 1),
+            "ratio_to_ideal": round(rate / ideal, 3),
+            "forward_passes_per_piece": round(run.forward_passes() / n_steps, 2),
+        }
+    for run in runs.values():
+        run.close()  # type: ignore[attr-defined]
+    mcv_step = float(np.median(times["ensemble mcv"]))
+    report["engine_overhead_ms_per_piece"] = round(1e3 * (mcv_step - sum(t_native.values())), 2)
+    ens = report["ensembles"]
+    report["bytes_vs_mcv_bytes_per_s"] = round(
+        ens["ensemble bytes"]["bytes_per_s"] / ens["ensemble mcv"]["bytes_per_s"],
+        3,  # type: ignore[index]
+    )
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def print_ensemble_report(report: dict[str, object]) -> None:
+    native = report["native_tokens_per_s"]
+    print(f"{report['steps']} greedy steps each, side by side, n_threads={report['threads']}")
+    for name, rate in native.items():  # type: ignore[union-attr]
+        print(f"  native {name:<10} {rate:8.1f} tokens/s")
+    print(
+        f"  ideal sequential ensemble 1/(t_A + t_B): {report['ideal_sequential_pieces_per_s']} "
+        "pieces/s"
+    )
+    for label, r in report["ensembles"].items():  # type: ignore[union-attr]
+        print(
+            f"  {label:<26} {r['pieces_per_s']:7.1f} pieces/s {r['bytes_per_s']:7.1f} bytes/s"
+            f"  ratio to ideal {r['ratio_to_ideal']:.3f}  forward passes/piece "
+            f"{r['forward_passes_per_piece']}"
+        )
+    print(
+        f"  byte-level bytes/s vs MCV bytes/s: {report['bytes_vs_mcv_bytes_per_s']} (target >= 0.5)"
+    )
+    print(
+        f"  engine overhead per MCV piece (step minus t_A + t_B): "
+        f"{report['engine_overhead_ms_per_piece']} ms"
+    )
+    print(f"  peak memory (RSS): {report['peak_rss_mib']} MiB")
+
+
+def ensemble() -> None:
+    print_ensemble_report(ensemble_bench())
+
+
+BENCHMARKS = {"engine": engine, "backend": backend, "ensemble": ensemble}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,8 +50,9 @@ def format_chat(
     size = 2 * sum(len(m.content.encode()) + 64 for m in messages) + 256
     for _ in range(2):
         buf = ctypes.create_string_buffer(size)
-        n = L.llama_chat_apply_template(template.encode(), chat, len(messages), add_assistant,
-                                        buf, size)
+        n = L.llama_chat_apply_template(
+            template.encode(), chat, len(messages), add_assistant, buf, size
+        )
         if n < 0:
             raise LvrError(
                 f"llama.cpp does not support the chat template of model '{model}': set "

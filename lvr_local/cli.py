@@ -6,16 +6,14 @@ bad flag value) reaches the user as one 'Error: ...' line and exit status 1.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lvr_local import __version__
-from lvr_local.config import Config, load_config
+from lvr_local.cli_common import echo_json, get_config, load_vocab, size_text, table
 from lvr_local.errors import LvrError
 from lvr_local.paths import user_dir
 from lvr_local.vocabulary import TYPE_NAMES, Vocabulary, load_vocabulary
@@ -45,56 +43,15 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
     ctx.obj = {"config_path": config_path}
 
 
-def _config(ctx: click.Context) -> Config:
-    if "config" not in ctx.obj:
-        ctx.obj["config"] = load_config(ctx.obj["config_path"])
-    return ctx.obj["config"]
-
-
-def resolve_model(ctx: click.Context, ref: str) -> tuple[str, Path]:
-    """A MODEL argument: a name from models.toml, or a path to a .gguf file."""
-    config = _config(ctx)
-    spec = config.model(ref)
-    if spec is not None:
-        return spec.name, spec.resolve_path()
-    path = Path(ref).expanduser()
-    if path.suffix.lower() == ".gguf" or path.exists():
-        return path.stem, path
-    names = ", ".join(m.name for m in config.models) or "none"
-    raise LvrError(
-        f"unknown model '{ref}': not a name in {config.path} ({names}) and not a .gguf file"
-    )
-
-
-def _load_vocab(ctx: click.Context, ref: str) -> Vocabulary:
-    name, path = resolve_model(ctx, ref)
-    return load_vocabulary(path, name=name)
-
-
-def _echo_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in headers], *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:,.1f} MiB"
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_context
 def models(ctx: click.Context, as_json: bool) -> None:
     """List the models of models.toml: file, size, tokenizer, vocabulary size."""
-    config = _config(ctx)
+    config = get_config(ctx)
     records = [_model_record(spec) for spec in config.models]
     if as_json:
-        _echo_json({"config": str(config.path), "models": records})
+        echo_json({"config": str(config.path), "models": records})
         return
     click.echo(f"config: {config.path}")
     rows = [
@@ -110,7 +67,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
         for r in records
     ]
     headers = ("NAME", "ENABLED", "STATUS", "SIZE", "TOKENIZER", "VOCAB", "PATH")
-    click.echo(_table(headers, rows))
+    click.echo(table(headers, rows))
 
 
 def _model_record(spec: Any) -> dict[str, object]:
@@ -134,7 +91,7 @@ def _model_record(spec: Any) -> dict[str, object]:
         return record
     record.update(
         status="found",
-        size=_size(path.stat().st_size),
+        size=size_text(path.stat().st_size),
         tokenizer=vocab.tokenizer_model,
         n_vocab=vocab.n_tokens,
     )
@@ -153,7 +110,7 @@ def _model_record(spec: Any) -> dict[str, object]:
 @click.pass_context
 def vocab(ctx: click.Context, model: str, dump: bool, verify: bool, as_json: bool) -> None:
     """Show the vocabulary of MODEL (a models.toml name or a .gguf path)."""
-    v = _load_vocab(ctx, model)
+    v = load_vocab(ctx, model)
     if dump:
         _dump_tokens(v)
         return
@@ -161,7 +118,7 @@ def vocab(ctx: click.Context, model: str, dump: bool, verify: bool, as_json: boo
     if verify:
         summary["verify"] = _verify(v)
     if as_json:
-        _echo_json(summary)
+        echo_json(summary)
         return
     for key, value in summary.items():
         click.echo(f"{key:>24}: {value}")
@@ -201,10 +158,10 @@ def common(ctx: click.Context, model_refs: tuple[str, ...], as_json: bool) -> No
 
     if len(model_refs) < 2:
         raise click.UsageError("give at least two models")
-    vocabs = [_load_vocab(ctx, ref) for ref in model_refs]
+    vocabs = [load_vocab(ctx, ref) for ref in model_refs]
     report = common_report(vocabs)
     if as_json:
-        _echo_json(report)
+        echo_json(report)
         return
     click.echo(f"common pieces:        {report['n_pieces']:,}")
     click.echo(f"shared token strings: {report['n_shared_token_strings']:,}")
@@ -221,7 +178,7 @@ def common(ctx: click.Context, model_refs: tuple[str, ...], as_json: bool) -> No
         for m in report["models"]
     ]
     headers = ("MODEL", "TOKENS", "WITH BYTES", "ARE PIECES", "COVERAGE")
-    click.echo(_table(headers, rows))
+    click.echo(table(headers, rows))
 
 
 @cli.command()
@@ -232,6 +189,20 @@ def paths(ctx: click.Context) -> None:
 
     click.echo(f"user directory: {user_dir()}  (move it with LVR_HOME)")
     click.echo(f"config file:    {find_config_path(ctx.obj['config_path'])}")
+
+
+def _register_decoding_commands() -> None:
+    from lvr_local.cli_decode import bench, chat, generate, score
+
+    for command in (generate, chat, score, bench):
+        cli.add_command(command)
+
+    from tui.cli import tui  # imports only click; textual loads when `lvr tui` runs
+
+    cli.add_command(tui)
+
+
+_register_decoding_commands()
 
 
 def main() -> None:

@@ -319,9 +319,16 @@ def _assemble(
     single_ptr, single_tokens = _group_by_first(first_piece, n_pieces == 1, sub.size)
     multi_ptr, multi_tokens = _group_by_first(first_piece, n_pieces >= 2, sub.size)
     return DecompositionTables(
-        sub=sub, n_vocab=n_vocab, first_piece=first_piece, n_pieces=n_pieces,
-        seq_start=seq_start, seq=seq, single_ptr=single_ptr, single_tokens=single_tokens,
-        multi_ptr=multi_ptr, multi_tokens=multi_tokens,
+        sub=sub,
+        n_vocab=n_vocab,
+        first_piece=first_piece,
+        n_pieces=n_pieces,
+        seq_start=seq_start,
+        seq=seq,
+        single_ptr=single_ptr,
+        single_tokens=single_tokens,
+        multi_ptr=multi_ptr,
+        multi_tokens=multi_tokens,
     )
 
 

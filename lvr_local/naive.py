@@ -20,9 +20,7 @@ class NaiveState:
 
     def __init__(self, model: NextTokenModel, tables: DecompositionTables) -> None:
         if model.n_vocab != tables.n_vocab:
-            raise LvrError(
-                f"model has {model.n_vocab} tokens but its tables have {tables.n_vocab}"
-            )
+            raise LvrError(f"model has {model.n_vocab} tokens but its tables have {tables.n_vocab}")
         self.model = model
         self.tables = tables
         self.exact_tokens = np.flatnonzero(tables.n_pieces == 1)

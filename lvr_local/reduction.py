@@ -34,7 +34,7 @@ from lvr_local.lm import NextTokenModel, TokenPrefix
 from lvr_local.node_scoring import PRECISIONS, NodeScorer, Scored
 
 NEG_INF = float("-inf")
-DEFAULT_PRUNE = 1e-9
+DEFAULT_PRUNE = 1e-6
 
 
 class ImpossiblePieceError(LvrError):
@@ -145,9 +145,7 @@ class ReducedState:
         if not start:
             raise LvrError("a reduced state needs at least one start node")
         if model.n_vocab != tables.n_vocab:
-            raise LvrError(
-                f"model has {model.n_vocab} tokens but its tables have {tables.n_vocab}"
-            )
+            raise LvrError(f"model has {model.n_vocab} tokens but its tables have {tables.n_vocab}")
         self.model = model
         self.tables = tables
         self.options = options or EngineOptions()

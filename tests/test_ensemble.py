@@ -1,0 +1,172 @@
+"""Ensemble decoding and exact scoring on the real bundled models and real llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from brute_force import brute_force_log_q
+
+from lvr_local.chat import Message
+from lvr_local.config import Defaults, ModelSpec
+from lvr_local.ensemble import Ensemble, Member, load_member
+from lvr_local.prompting import prepare_raw
+from lvr_local.reduction import EngineOptions
+from lvr_local.sampling import Sampler, SamplingParams
+from lvr_local.scoring import score_text
+
+EXACT = EngineOptions(prune=1e-12, precision="float64")
+
+
+def _member(path: Path, name: str, weight: float = 1.0) -> Member:
+    return load_member(
+        ModelSpec(name=name, source=str(path), weight=weight, n_ctx=1024), Defaults()
+    )
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path: Path) -> Iterator[Member]:
+    member = _member(smollm2_path, "smollm2")
+    yield member
+    member.close()
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path: Path) -> Iterator[Member]:
+    member = _member(
+        gemma_path,
+        "gemma3",
+    )
+    member.chat_template = "gemma"
+    yield member
+    member.close()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "mid_token"),
+    [(b"The cat", False), (b"The ca", True), (b"", False)],
+)
+def test_score_equals_brute_force_sum_over_tokenizations(
+    smol: Member, prompt: bytes, mid_token: bool
+) -> None:
+    text = b"t sat" if mid_token else b" sat"
+    ensemble = Ensemble([smol], sub_vocab="bytes", options=EXACT, concurrent=False)
+    try:
+        result = score_text(ensemble, text, prompt)
+    finally:
+        ensemble.close()
+    prepared = prepare_raw(smol.backend, smol.vocab, prompt)
+    # The last token (or more, back to a word boundary) is held back and forced.
+    assert prompt.endswith(prepared.tail) and bool(prepared.tail) == bool(prompt)
+    smol.backend.set_prompt(prepared.tokens)
+    expected = brute_force_log_q(smol.backend, smol.vocab, prepared.tail + text)
+    if prepared.tail:
+        expected -= brute_force_log_q(smol.backend, smol.vocab, prepared.tail)
+    got = result["models"]["smollm2"]["logprob"]
+    assert abs(got - expected) < 1e-4, (got, expected)
+    assert result["models"]["smollm2"]["pruned_mass"] < 1e-6
+
+
+def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
+    ensemble = Ensemble([gemma], sub_vocab="bytes", options=EXACT, concurrent=False)
+    try:
+        result = score_text(ensemble, b" cat sat", b"The")
+    finally:
+        ensemble.close()
+    prepared = prepare_raw(gemma.backend, gemma.vocab, b"The")
+    gemma.backend.set_prompt(prepared.tokens)
+    expected = brute_force_log_q(gemma.backend, gemma.vocab, prepared.tail + b" cat sat")
+    if prepared.tail:
+        expected -= brute_force_log_q(gemma.backend, gemma.vocab, prepared.tail)
+    assert abs(result["models"]["gemma3"]["logprob"] - expected) < 1e-4
+
+
+def test_ensemble_of_a_model_with_itself_is_that_model(smollm2_path: Path, smol: Member) -> None:
+    twin = _member(smollm2_path, "twin")
+    messages = [Message("user", "Name three colours.")]
+    single = Ensemble([smol], options=EXACT, concurrent=False)
+    pair = Ensemble([smol, twin], options=EXACT, concurrent=False)
+    try:
+        pair.set_weights([0.5, 0.5])
+        single.start_chat(messages)
+        reference = [single.step(lambda lp: int(np.argmax(lp))) for _ in range(8)]
+        single.close()
+        pair.start_chat(messages)
+        for expected in reference:
+            logq = pair.distributions()
+            combined = pair.combined(logq)
+            event = pair.force(expected.piece)
+            assert abs(event.logprob - expected.logprob) < 1e-6
+            assert np.allclose(np.exp(logq[0]), np.exp(logq[1]), atol=1e-6)
+            assert int(np.argmax(combined)) == expected.piece
+    finally:
+        pair.close()
+        twin.close()
+
+
+def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
+    ensemble = Ensemble([smol, gemma])
+    ensemble.set_weights([1.0, 1.0])
+    try:
+        ensemble.start_chat([Message("user", "Count from one to ten in words.")])
+        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=12))
+        assert 0 < len(events) <= 12
+        for e in events:
+            assert len(e.member_probs) == 2 and 0 < e.prob <= 1
+            assert e.dominant in (0, 1) and e.weights == (1.0, 1.0)
+        text = b"".join(e.text for e in events)
+        assert text
+        # A stop string cuts the text where it begins.
+        stop_at = text[: max(1, len(text) // 2)].decode("utf-8", errors="ignore")[-2:]
+        if stop_at:
+            ensemble.start_chat([Message("user", "Count from one to ten in words.")])
+            cut = b"".join(
+                e.text
+                for e in ensemble.generate(Sampler(SamplingParams()), max_pieces=12, stop=[stop_at])
+            )
+            assert stop_at.encode() not in cut and text.startswith(cut)
+    finally:
+        ensemble.close()
+
+
+def test_raw_prompt_mid_token_continues_the_word(smol: Member, gemma: Member) -> None:
+    ensemble = Ensemble([smol, gemma])
+    try:
+        ensemble.start_raw(b"def fibo")
+        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=6))
+        text = b"".join(e.text for e in events)
+        assert text.startswith(b"nacci"), text
+        assert events[0].byte_level  # the first pieces come from the byte-level phase
+    finally:
+        ensemble.close()
+
+
+ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_bytes()
+
+
+def test_byte_level_ensemble_beats_both_models_and_naive_is_worse(
+    smol: Member, gemma: Member
+) -> None:
+    text = ENGLISH
+    assert len(text) > 2000
+    lossless = Ensemble([smol, gemma], sub_vocab="bytes")
+    try:
+        result = score_text(lossless, text)
+    finally:
+        lossless.close()
+    best_single = min(r["bits_per_byte"] for r in result["models"].values())
+    ensemble_bpb = result["ensemble"]["bits_per_byte"]
+    assert ensemble_bpb < best_single
+    naive = Ensemble([smol, gemma], sub_vocab="bytes", rule="naive")
+    try:
+        naive_result = score_text(naive, text)
+    finally:
+        naive.close()
+    assert naive_result["ensemble"]["bits_per_byte"] > ensemble_bpb
+    print(
+        f"\nbits/byte on {len(text)} bytes: "
+        + ", ".join(f"{k} {v['bits_per_byte']:.4f}" for k, v in result["models"].items())
+        + f", ensemble {ensemble_bpb:.4f}, naive {naive_result['ensemble']['bits_per_byte']:.4f}"
+    )
