@@ -1,1 +1,1 @@
-"""Textual chat UI for lvr-local ensembles (`lvr tui`)."""
+"""The Textual terminal chat UI of lvr-local (`lvr tui`, `python -m tui`)."""

@@ -1,0 +1,243 @@
+"""The chat TUI, driven headless through Textual's pilot on the real bundled models.
+
+Replies are kept to a few pieces so the file runs in well under two minutes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Button, Input, Markdown, OptionList, Select
+
+from tui.app import LvrApp
+from tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
+from tui.transcript import conversations_dir, read_conversation
+from tui.widgets import AssistantMessage, AttributionView, ModelCard, PromptBox, UserMessage
+
+SIZE = (80, 24)
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # Textual runs on asyncio
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, smollm2_path: Path, gemma_path: Path) -> Path:
+    """models.toml naming the two bundled models by path, with a small context."""
+    path = tmp_path / "models.toml"
+    path.write_text(
+        "[defaults]\nn_ctx = 1024\n\n"
+        f'[[model]]\nname = "smollm2-135m"\nsource = "{smollm2_path}"\n\n'
+        f'[[model]]\nname = "gemma3-270m"\nsource = "{gemma_path}"\nchat_template = "gemma"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+async def wait_until(pilot: Pilot, condition: Callable[[], bool], timeout: float = 60) -> None:
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "timed out waiting for the app"
+        await pilot.pause(0.05)
+        waited += 0.05
+
+
+def chat(app: LvrApp) -> ChatScreen:
+    assert isinstance(app.screen, ChatScreen)
+    return app.screen
+
+
+async def wait_loaded(pilot: Pilot, app: LvrApp) -> None:
+    await wait_until(pilot, lambda: app.session is not None and app.session.loaded
+                     and not chat(app).busy and len(chat(app).query(ModelCard)) == 2)
+    await pilot.pause(0.1)  # let the cards lay out
+
+
+async def send(pilot: Pilot, app: LvrApp, text: str) -> AssistantMessage:
+    """Type `text` into the prompt box, press Enter, and wait for the reply to finish."""
+    chat(app).query_one(PromptBox).focus()
+    await pilot.press(*text)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: chat(app).reply is None)
+    await pilot.pause(0.1)
+    return chat(app).query(AssistantMessage).last()
+
+
+def transcript_records() -> list[dict]:
+    files = sorted(conversations_dir().glob("*.jsonl"))
+    assert len(files) == 1
+    return [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines()]
+
+
+async def test_reply_streams_into_the_conversation_and_is_saved(config_file: Path) -> None:
+    app = LvrApp(config_file, max_pieces=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        reply = await send(pilot, app, "Say hello.")
+        assert reply.text.strip()
+        assert 1 <= len(reply.events) <= 8
+        assert reply.query_one(Markdown).source == reply.text
+        assert "Say hello." in str(chat(app).query_one(UserMessage).render())
+        figures = str(chat(app).query_one("#figures").render())
+        assert "pieces/s" in figures and "fwd" in figures
+    records = transcript_records()
+    assert records[0]["type"] == "conversation"
+    messages = [r for r in records if r["type"] == "message"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Say hello."), ("assistant", reply.text)]
+    pieces = "".join(r["text"] for r in records if r["type"] == "piece")
+    assert pieces == reply.text
+
+
+async def test_a_new_weight_reaches_the_next_replys_piece_events(config_file: Path) -> None:
+    app = LvrApp(config_file, max_pieces=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        first = await send(pilot, app, "Hi")
+        assert {e.weights for e in first.events} == {(1.0, 1.0)}
+        weight = chat(app).query_one("#model-0 .weight", Input)
+        weight.focus()
+        weight.value = ""
+        await pilot.press("0", ".", "2", "5")
+        second = await send(pilot, app, "Again")
+        assert second.events
+        assert {e.weights for e in second.events} == {(0.25, 1.0)}
+    assert transcript_records()[-1]["weights"] == [0.25, 1.0]
+
+
+async def test_escape_stops_the_generation_and_keeps_the_partial_reply(
+    config_file: Path,
+) -> None:
+    app = LvrApp(config_file, max_pieces=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        chat(app).query_one(PromptBox).focus()
+        await pilot.press(*"Write a haiku about the sea.")  # greedy: it loops, never ends
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(chat(app).query(AssistantMessage).last().events) >= 3)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: chat(app).reply is None, timeout=10)
+        reply = chat(app).query(AssistantMessage).last()
+        assert 3 <= len(reply.events) < 400
+        assert "[stopped]" in str(reply.query_one(".status").render())
+    saved = transcript_records()[-1]
+    assert saved["role"] == "assistant" and saved["stop_reason"] == "stopped"
+    assert saved["content"] == reply.text and reply.text
+
+
+async def test_attribution_view_shows_each_models_probability(config_file: Path) -> None:
+    app = LvrApp(config_file, max_pieces=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        reply = await send(pilot, app, "Hello")
+        view = reply.query_one(AttributionView)
+        assert not view.display or not chat(app).has_class("-attribution")
+        await pilot.press("ctrl+t")
+        await pilot.pause(0.1)
+        assert chat(app).has_class("-attribution")
+        assert view.visible and view.pieces
+        detail = str(chat(app).query_one("#detail").render())
+        assert "smollm2-135m" in detail and "gemma3-270m" in detail and "%" in detail
+        last = view.pieces[-1]
+        assert f"{100 * last.member_probs[1]:.1f}%" in detail
+        if len(view.pieces) > 1:
+            await pilot.press("left")
+            assert view.selected == len(view.pieces) - 2
+        await pilot.press("ctrl+t")
+        assert not chat(app).has_class("-attribution")
+
+
+async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) -> None:
+    app = LvrApp(config_file, max_pieces=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        screen = chat(app)
+        assert "mcv (" in app.sub_title and "rule mean" in app.sub_title
+        for selector in ("Header", "#conversation", "#prompt", "#panel", "Footer"):
+            region = screen.query_one(selector).region
+            assert region.width > 0 and region.height > 0, selector
+            assert region.right <= 80 and region.bottom <= 24, selector
+        cards = screen.query(ModelCard)
+        assert [c.info.name for c in cards] == ["smollm2-135m", "gemma3-270m"]
+        for card in cards:
+            assert card.query_one(".weight").region.width >= 4
+            assert card.query_one(".enabled").region.width >= 2
+        svg = Path(app.save_screenshot(path=str(tmp_path), filename="main.svg")).read_text()
+    text = svg.replace("&#160;", " ")
+    for label in ("lvr-local", "rule mean", "smollm2-135m", "gemma3-270m", "gpt2",
+                  "262,144 tokens", "weight", "Stop", "New", "Attribution", "Settings"):
+        assert label in text, label
+
+
+async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path) -> None:
+    app = LvrApp(config_file, max_pieces=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        await pilot.press("ctrl+s")
+        settings = app.screen
+        assert isinstance(settings, SettingsScreen)
+        settings.query_one("#sub_vocab", Input).value = "nonsense"
+        settings.query_one("#apply", Button).press()
+        await pilot.pause(0.1)
+        assert app.screen is settings  # stays open, says why
+        assert any("sub_vocab" in str(n.message) for n in app._notifications)
+        settings.query_one("#sub_vocab", Input).value = "bytes"
+        settings.query_one("#rule", Select).value = "product"
+        settings.query_one("#max_pieces", Input).value = "3"
+        settings.query_one("#apply", Button).press()  # a toast may cover it: no click
+        await wait_until(pilot, lambda: "rule product" in app.sub_title)
+        assert app.sub_title.startswith("bytes")
+        assert app.settings.max_pieces == 3
+        reply = await send(pilot, app, "Hi")
+        assert 1 <= len(reply.events) <= 3
+
+
+async def test_saved_conversation_reopens_from_the_list(config_file: Path) -> None:
+    app = LvrApp(config_file, max_pieces=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot, app)
+        reply = await send(pilot, app, "Hello there")
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.1)
+        assert not chat(app).query(AssistantMessage)
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, ConversationsScreen)
+        assert app.screen.query_one(OptionList).option_count == 1
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: bool(chat(app).query(AssistantMessage)))
+        reopened = chat(app).query(AssistantMessage).last()
+        assert reopened.text == reply.text
+        assert [m.role for m in chat(app).history] == ["user", "assistant"]
+        await send(pilot, app, "More")  # appended to the same file
+    convo = read_conversation(next(conversations_dir().glob("*.jsonl")))
+    assert [m.role for m in convo.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_torn_transcript_keeps_the_partial_reply(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    lines = [
+        {"type": "conversation", "created": "2025-01-01T00:00:00", "settings": {}},
+        {"type": "message", "role": "user", "content": "hi"},
+        {"type": "piece", "text": "Hel", "dominant": 0, "member_probs": [0.5, 0.1], "prob": 0.3},
+        {"type": "piece", "text": "lo", "dominant": 1, "member_probs": [0.2, 0.9], "prob": 0.6},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "pie', "utf-8")
+    convo = read_conversation(path)
+    assert [(m.role, m.content) for m in convo.messages] == [("user", "hi"),
+                                                             ("assistant", "Hello")]
+    assert convo.messages[1].pieces[1].dominant == 1
+
+
+async def test_a_bad_config_is_a_notification_not_a_crash(tmp_path: Path) -> None:
+    app = LvrApp(tmp_path / "missing.toml")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.1)
+        assert any("config file not found" in str(n.message) for n in app._notifications)
+        chat(app).query_one(PromptBox).focus()
+        await pilot.press("h", "i", "enter")
+        assert any("no models" in str(n.message) for n in app._notifications)

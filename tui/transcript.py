@@ -1,0 +1,159 @@
+"""Conversations on disk: one append-only JSONL file per conversation.
+
+Each line is one record, written and flushed as soon as it is known: the conversation
+header, each message when it completes, and each generated piece as it arrives. A crash
+therefore loses at most the line being written; pieces after the last assistant message
+are read back as a partial reply. A torn last line is skipped when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from lvr_local.paths import user_dir
+
+
+def conversations_dir() -> Path:
+    path = user_dir() / "conversations"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class PieceRecord:
+    """One shown piece with its attribution: which model dominated, each model's p."""
+
+    text: str
+    dominant: int
+    member_probs: tuple[float, ...]
+    prob: float
+
+
+@dataclass
+class SavedMessage:
+    role: str
+    content: str
+    pieces: list[PieceRecord] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+@dataclass
+class SavedConversation:
+    path: Path
+    created: str
+    messages: list[SavedMessage]
+    system_prompt: str = ""
+
+    @property
+    def title(self) -> str:
+        first = next((m.content for m in self.messages if m.role == "user"), "(empty)")
+        return " ".join(first.split())[:34]
+
+
+class ConversationLog:
+    """Appends records to one conversation file; the file is created at the first write."""
+
+    def __init__(self, path: Path | None = None, header: dict[str, Any] | None = None) -> None:
+        self.path = path or _new_path()
+        self._header = header
+        self._file: IO[str] | None = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            fresh = not self.path.exists()
+            self._file = self.path.open("a", encoding="utf-8")
+            if fresh and self._header is not None:
+                self._write(self._header)
+        self._write(record)
+
+    def message(self, role: str, content: str, **extra: Any) -> None:
+        self.append({"type": "message", "role": role, "content": content,
+                     "time": _now(), **extra})
+
+    def piece(self, piece: PieceRecord) -> None:
+        self.append({"type": "piece", "text": piece.text, "dominant": piece.dominant,
+                     "member_probs": list(piece.member_probs), "prob": piece.prob})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def new_header(models: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "conversation", "version": 1, "created": _now(), "models": models,
+            "settings": settings}
+
+
+def list_conversations() -> list[SavedConversation]:
+    """Saved conversations, newest first; unreadable files are left out."""
+    found = []
+    for path in sorted(conversations_dir().glob("*.jsonl"), reverse=True):
+        try:
+            found.append(read_conversation(path))
+        except OSError:
+            continue
+    return found
+
+
+def read_conversation(path: Path) -> SavedConversation:
+    convo = SavedConversation(path=path, created="", messages=[])
+    pending: list[PieceRecord] = []
+    for record in _records(path):
+        kind = record.get("type")
+        if kind == "conversation":
+            convo.created = str(record.get("created", ""))
+            convo.system_prompt = str(record.get("settings", {}).get("system_prompt", ""))
+        elif kind == "settings":
+            convo.system_prompt = str(record.get("system_prompt", convo.system_prompt))
+        elif kind == "piece":
+            pending.append(_piece(record))
+        elif kind == "message":
+            role = str(record.get("role", ""))
+            pieces, pending = (pending, []) if role == "assistant" else ([], pending)
+            convo.messages.append(SavedMessage(role, str(record.get("content", "")), pieces,
+                                               str(record.get("stop_reason", ""))))
+    if pending:  # the app stopped mid-reply: keep what was written
+        text = "".join(p.text for p in pending)
+        convo.messages.append(SavedMessage("assistant", text, pending, "interrupted"))
+    return convo
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _piece(record: dict[str, Any]) -> PieceRecord:
+    return PieceRecord(
+        text=str(record.get("text", "")),
+        dominant=int(record.get("dominant", 0)),
+        member_probs=tuple(float(p) for p in record.get("member_probs", [])),
+        prob=float(record.get("prob", 0.0)),
+    )
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def _new_path() -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return conversations_dir() / f"{stamp}-{secrets.token_hex(3)}.jsonl"
