@@ -35,6 +35,7 @@ from lvr_local.node_scoring import PRECISIONS, NodeScorer, Scored
 
 NEG_INF = float("-inf")
 DEFAULT_PRUNE = 1e-6
+DEFAULT_MAX_NODES = 16
 
 
 class ImpossiblePieceError(LvrError):
@@ -62,17 +63,22 @@ class EngineOptions:
     which is exact but can keep exponentially many tokenizations alive (each byte-fallback
     duplicate of a token doubles them). `top_k`: K-LVR, keep only the K most likely tokens
     of each scored node (None or 0: all tokens). `precision`: of the full-vocabulary exp,
-    "float32" (~1e-7 relative, the default) or "float64" (see node_scoring.py)."""
+    "float32" (~1e-7 relative, the default) or "float64" (see node_scoring.py).
+    `max_nodes`: keep at most this many nodes, the largest shares (None or 0: no cap);
+    what it drops is counted in the pruned mass like what `prune` drops."""
 
     prune: float = DEFAULT_PRUNE
     top_k: int | None = None
     precision: str = "float32"
+    max_nodes: int | None = DEFAULT_MAX_NODES
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune < 1.0:
             raise LvrError(f"prune must be in [0, 1), got {self.prune}")
         if self.top_k is not None and self.top_k < 0:
             raise LvrError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_nodes is not None and self.max_nodes < 0:
+            raise LvrError(f"max_nodes must be >= 0 (0 = no cap), got {self.max_nodes}")
         if self.precision not in PRECISIONS:
             raise LvrError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -212,8 +218,13 @@ class ReducedState:
         if total == NEG_INF:
             name = "END" if piece == self.tables.sub.end_id else repr(self.tables.sub.pieces[piece])
             raise ImpossiblePieceError(f"piece {name} has probability 0 here")
-        if self.options.prune > 0.0:
-            floor = total + math.log(self.options.prune)
+        floor = total + math.log(self.options.prune) if self.options.prune > 0.0 else NEG_INF
+        cap = self.options.max_nodes
+        if cap and len(fresh) + len(pending) > cap:
+            # Alternative tokenizations that split early keep their relative share for
+            # ever, so without a cap their number (and forward passes) grows with the text.
+            floor = max(floor, sorted(shares, reverse=True)[cap - 1])
+        if floor > NEG_INF:
             fresh = [n for n in fresh if n.log_share >= floor]
             pending = [n for n in pending if n.log_share >= floor]
             kept = logsumexp([n.log_share for n in fresh] + [n.log_share for n in pending])

@@ -25,7 +25,7 @@ from lvr_local.naive import NaiveState
 from lvr_local.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
 from lvr_local.subvocab import ALL_BYTES, SubVocabulary
 
-EXACT = EngineOptions(prune=0.0, precision="float64")
+EXACT = EngineOptions(max_nodes=0, prune=0.0, precision="float64")
 SUBS: dict[str, Callable[[], SubVocabulary]] = {
     "bytes": subvocab.byte_level,
     "maxlen2": lambda: subvocab.max_length([vocab_a()], 2),
@@ -41,6 +41,7 @@ def make(sub_name: str, seed: int = 0, **options: object) -> tuple[SyntheticLM, 
     lm = SyntheticLM(vocab, seed=seed)
     tables = build_tables(vocab, SUBS[sub_name]())
     options.setdefault("prune", 0.0)
+    options.setdefault("max_nodes", 0)
     options.setdefault("precision", "float64")
     return lm, ReducedState(lm, tables, EngineOptions(**options))  # type: ignore[arg-type]
 
@@ -151,7 +152,10 @@ def draw_tokens(lm: SyntheticLM, n: int, max_bytes: int, rng: np.random.Generato
 
 
 def draw_pieces(
-    new_state: Callable[[], PieceModel], sub: SubVocabulary, n: int, max_bytes: int,
+    new_state: Callable[[], PieceModel],
+    sub: SubVocabulary,
+    n: int,
+    max_bytes: int,
     rng: np.random.Generator,
 ) -> Counter:
     """Texts from a piece model; q(. | u) is memoised per u (it depends on u only)."""
@@ -171,8 +175,9 @@ def draw_pieces(
         text = b""
         while len(text) < max_bytes:
             cum = cumulative(u)
-            piece = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")),
-                        len(cum) - 1)
+            piece = min(
+                int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(cum) - 1
+            )
             if piece == sub.end_id:
                 break
             text += sub.pieces[piece]
@@ -226,8 +231,11 @@ def _spell_with_tokens_of(tables: DecompositionTables, text: bytes) -> list[byte
     that the naive baseline can follow it)."""
     from synthetic_lm import greedy_split
 
-    exact = {tables.sub.pieces[p] for p in np.unique(tables.first_piece[tables.n_pieces == 1])
-             if p < tables.sub.end_id}
+    exact = {
+        tables.sub.pieces[p]
+        for p in np.unique(tables.first_piece[tables.n_pieces == 1])
+        if p < tables.sub.end_id
+    }
     return greedy_split(text, exact)
 
 
@@ -236,7 +244,9 @@ def test_pruning_reports_a_bound_on_the_error() -> None:
     tables = build_tables(lm.vocab, subvocab.byte_level())
     pruned_somewhere = False
     for text in sample_texts(lm, 30, np.random.default_rng(9)):
-        state = ReducedState(lm, tables, EngineOptions(prune=0.05, precision="float64"))
+        state = ReducedState(
+            lm, tables, EngineOptions(max_nodes=0, prune=0.05, precision="float64")
+        )
         for byte in text:
             state.next_piece_logprobs()
             try:
@@ -321,7 +331,7 @@ def test_a_forced_piece_of_tiny_probability_is_exact_in_log_space() -> None:
         np.float32
     )
     tables = build_tables(lm.vocab, subvocab.byte_level())
-    state = ReducedState(lm, tables, EngineOptions(prune=0.0))
+    state = ReducedState(lm, tables, EngineOptions(max_nodes=0, prune=0.0))
     assert not np.isnan(state.next_piece_logprobs()).any()
     for byte in b"cab":
         state.advance(byte)
@@ -407,7 +417,7 @@ def test_logits_far_from_zero(precision: str, shift: float) -> None:
     base = lm.logits
     lm.logits = lambda prefix: (base(prefix) + np.float32(shift)).astype(np.float32)
     tables = build_tables(lm.vocab, SUBS["mcv"]())
-    logq = ReducedState(lm, tables, EngineOptions(prune=0.0, precision=precision))
+    logq = ReducedState(lm, tables, EngineOptions(max_nodes=0, prune=0.0, precision=precision))
     got = logq.next_piece_logprobs()
     sub = tables.sub
     spelled = [*sub.pieces, END]
@@ -423,3 +433,20 @@ def _with_logit(x: np.ndarray, token: int, value: float) -> np.ndarray:
     x = x.copy()
     x[token] = value
     return x
+
+
+def test_node_cap_keeps_the_largest_shares_and_counts_what_it_drops() -> None:
+    text = b"abab" * 3
+    _, exact = make("bytes", seed=4)
+    _, capped = make("bytes", seed=4, max_nodes=2)
+    for byte in text:
+        piece = exact.tables.sub.index[bytes([byte])]
+        exact.next_piece_logprobs()
+        capped.next_piece_logprobs()
+        exact.advance(piece)
+        capped.advance(piece)
+        assert len(capped.nodes()) <= 2
+    # Kept mass never exceeds the truth, and the truth is within the reported pruned mass.
+    assert math.exp(capped.log_Q) <= math.exp(exact.log_Q) + 1e-12
+    assert math.exp(exact.log_Q) - math.exp(capped.log_Q) <= math.exp(capped.log_pruned) + 1e-12
+    assert capped.log_pruned > float("-inf")

