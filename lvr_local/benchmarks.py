@@ -182,6 +182,12 @@ class BackendGreedy:
         self.backend.close()
 
 
+def greedy_without_end(logq: np.ndarray) -> int:
+    """Greedy, END excluded (END is the last id): like the plain loop, which ignores EOS,
+    every decoder runs the full number of steps."""
+    return int(np.argmax(logq[:-1]))
+
+
 class ReducedGreedy:
     """Backend + reduction engine: greedy over the reduced next-piece distribution."""
 
@@ -197,7 +203,7 @@ class ReducedGreedy:
         self.n_bytes = 0
 
     def step(self) -> None:
-        piece = int(np.argmax(self.state.next_piece_logprobs()))
+        piece = greedy_without_end(self.state.next_piece_logprobs())
         self.state.advance(piece)
         self.n_bytes += len(self.state.tables.sub.piece_bytes(piece))
 
@@ -287,7 +293,6 @@ class EnsembleRun:
     def __init__(self, sub_vocab: str, threads: int, concurrent: bool) -> None:
         from lvr_local.config import Defaults, ModelSpec
         from lvr_local.ensemble import Ensemble, load_member
-        from lvr_local.sampling import Sampler, SamplingParams
 
         self.members = [
             load_member(
@@ -297,18 +302,15 @@ class EnsembleRun:
         ]
         self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
         self.ensemble.start_raw(BACKEND_PROMPT + b" ")
-        self.events = self.ensemble.generate(Sampler(SamplingParams()), max_pieces=10**6)
         self.n_bytes = 0
-        self.engine_seconds = 0.0
 
     def step(self) -> None:
-        self.n_bytes += len(next(self.events).text)
+        self.n_bytes += len(self.ensemble.step(greedy_without_end).text)
 
     def forward_passes(self) -> int:
         return sum(m.backend.counters.forward_passes for m in self.members)
 
     def close(self) -> None:
-        self.events.close()
         self.ensemble.close()
         for m in self.members:
             m.close()
