@@ -128,6 +128,7 @@ class LlamaBackend:
         self._model: LlamaModel | None = None
         self._ctx: LlamaContext | None = None
         self._batch: LlamaBatch | None = None
+        self.n_threads = n_threads or physical_cores()
         self._model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
         try:
             self._ctx = LlamaContext(
@@ -135,7 +136,7 @@ class LlamaBackend:
                 n_ctx=n_ctx,
                 n_batch=n_batch,
                 n_seq_max=n_seq_max,
-                n_threads=n_threads or physical_cores(),
+                n_threads=self.n_threads,
                 n_ubatch=n_ubatch,
             )
             self._batch = LlamaBatch(self._ctx.n_batch)

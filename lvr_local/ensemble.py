@@ -134,7 +134,11 @@ class Ensemble:
         self._live: list[bool] = []
         self._phase_sub = self.sub
         if concurrent is None:
-            concurrent = len(self.members) > 1 and physical_cores() > 1
+            # Members decoding at once only pay when each has its own cores: llama.cpp's
+            # threads spin while waiting, and oversubscribed cores slow every decode down.
+            concurrent = len(self.members) > 1 and physical_cores() >= 2 * max(
+                m.backend.n_threads for m in self.members
+            )
         self._pool = ThreadPoolExecutor(len(self.members)) if concurrent else None
 
     # ----------------------------------------------------------------- set-up
