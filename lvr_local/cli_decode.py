@@ -19,7 +19,7 @@ import click
 
 from lvr_local.chat import Message
 from lvr_local.cli_common import echo_json, get_config, model_specs
-from lvr_local.config import Defaults, with_overrides
+from lvr_local.config import COMBINE_RULES, Defaults, with_overrides
 from lvr_local.ensemble import Ensemble, Member, RunStats, load_member
 from lvr_local.errors import LvrError
 from lvr_local.reduction import EngineOptions
@@ -48,7 +48,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sub-vocab", help="mcv | bytes | maxlen:K (default from models.toml)."),
         click.option(
             "--combine",
-            type=click.Choice(["mean", "product", "max", "naive"]),
+            type=click.Choice(COMBINE_RULES),
             help="How the models' distributions are combined.",
         ),
         click.option(

@@ -15,14 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from lvr_local.backend import LlamaBackend, physical_cores
 from lvr_local.chat import Message, format_chat
 from lvr_local.combine import combine, dominant_model
-from lvr_local.config import Defaults, ModelSpec
+from lvr_local.config import COMBINE_RULES, Defaults, ModelSpec
 from lvr_local.decompose import DecompositionTables, decomposition_tables
 from lvr_local.errors import LvrError
 from lvr_local.naive import NaiveState
@@ -32,7 +32,6 @@ from lvr_local.sampling import Sampler
 from lvr_local.subvocab import byte_level, parse_spec
 from lvr_local.vocabulary import Vocabulary, load_vocabulary
 
-RULES = ("mean", "product", "max", "naive")
 PieceState = ReducedState | NaiveState
 # Sequences per llama.cpp context: room for the tokenization branches the engine keeps
 # alive (fewer forces evictions and re-evaluation); cells are shared, so this is cheap.
@@ -104,7 +103,6 @@ class RunStats:
     bytes: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
-    forward_passes: dict[str, int] = field(default_factory=dict)
 
 
 class Ensemble:
@@ -121,8 +119,10 @@ class Ensemble:
     ) -> None:
         if not members:
             raise LvrError("an ensemble needs at least one model")
-        if rule not in RULES:
-            raise LvrError(f"unknown combination rule '{rule}': expected one of {', '.join(RULES)}")
+        if rule not in COMBINE_RULES:
+            raise LvrError(
+                f"unknown combination rule '{rule}': expected one of {', '.join(COMBINE_RULES)}"
+            )
         self.members = list(members)
         self.rule = rule
         self.options = options or EngineOptions()
@@ -335,7 +335,6 @@ class Ensemble:
             stats.stop_reason = "max_pieces"
         finally:
             stats.seconds = time.perf_counter() - t0
-            stats.forward_passes = {m.name: m.backend.counters.forward_passes for m in self.members}
 
     # ----------------------------------------------------------------- teardown
 

@@ -99,41 +99,47 @@ def explicit(pieces: Iterable[bytes]) -> SubVocabulary:
     return SubVocabulary.from_pieces("explicit", set(pieces) | set(ALL_BYTES))
 
 
-def common(vocabs: Sequence[Vocabulary]) -> SubVocabulary:
-    """The maximal common vocabulary (ALGORITHM.md §4): byte strings every model has as a
-    token, plus every single byte occurring in any model's tokens."""
+def shared_strings(vocabs: Sequence[Vocabulary]) -> set[bytes]:
+    """Byte strings that every model has as an ordinary token."""
     if not vocabs:
         raise LvrError("the common vocabulary needs at least one model")
     shared = set(vocabs[0].byte_strings)
     for v in vocabs[1:]:
         shared &= v.byte_strings
+    return shared
+
+
+def common(vocabs: Sequence[Vocabulary]) -> SubVocabulary:
+    """The maximal common vocabulary (ALGORITHM.md §4): byte strings every model has as a
+    token, plus every single byte occurring in any model's tokens."""
     singles = {bytes([b]) for b in used_bytes(vocabs)}
-    return SubVocabulary.from_pieces("mcv", shared | singles)
+    return SubVocabulary.from_pieces("mcv", shared_strings(vocabs) | singles)
 
 
 def common_report(vocabs: Sequence[Vocabulary]) -> dict[str, object]:
     """What `lvr common` prints: size, per-model coverage, single bytes added, lengths."""
     sub = common(vocabs)
-    shared = set(vocabs[0].byte_strings)
-    for v in vocabs[1:]:
-        shared &= v.byte_strings
+    shared = shared_strings(vocabs)
     added = sorted(p[0] for p in sub.pieces if len(p) == 1 and p not in shared)
+    models = []
+    for v in vocabs:
+        with_bytes, are_pieces = int(v.has_bytes.sum()), sub.coverage(v)
+        models.append(
+            {
+                "name": v.name,
+                "n_tokens": v.n_tokens,
+                "tokens_with_bytes": with_bytes,
+                "tokens_that_are_pieces": are_pieces,
+                "coverage": round(are_pieces / max(1, with_bytes), 4),
+            }
+        )
     return {
         "n_pieces": len(sub.pieces),
         "n_shared_token_strings": len(shared),
         "single_bytes_added": len(added),
         "single_bytes_added_hex": [f"{b:02x}" for b in added],
         "mean_piece_bytes": round(float(sub.lengths.mean()), 3),
-        "models": [
-            {
-                "name": v.name,
-                "n_tokens": v.n_tokens,
-                "tokens_with_bytes": int(v.has_bytes.sum()),
-                "tokens_that_are_pieces": sub.coverage(v),
-                "coverage": round(sub.coverage(v) / max(1, int(v.has_bytes.sum())), 4),
-            }
-            for v in vocabs
-        ],
+        "models": models,
     }
 
 
