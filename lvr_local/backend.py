@@ -149,6 +149,14 @@ class LlamaBackend:
         self._prompt: list[int] = []
         self.counters = BackendCounters()
 
+    def set_threads(self, n_threads: int) -> None:
+        """Change the CPU threads of later decodes (an ensemble shares the cores out)."""
+        if n_threads < 1:
+            raise LvrError(f"n_threads must be >= 1, got {n_threads}")
+        assert self._ctx is not None
+        self._ctx.set_threads(n_threads)
+        self.n_threads = n_threads
+
     # ----- NextTokenModel ---------------------------------------------------------
 
     @property

@@ -1,4 +1,4 @@
-"""Benchmarks that decisions rest on. `python -m lvr_local.benchmarks engine|backend`.
+"""Benchmarks that decisions rest on: `python -m lvr_local.benchmarks NAME`.
 
 engine: (a) cold build time of Gemma's decomposition tables over the common vocabulary
 of the bundled pair; (b) the reduction engine's own work per piece (everything but the
@@ -6,6 +6,10 @@ forward pass), fed by a fake model that returns precomputed peaked logits.
 
 backend: greedy decoding speed of the prefix-cached llama.cpp backend (one alive prefix,
 the engine's common case) against plain llama-cpp-python, for both bundled models.
+
+ensemble: `lvr bench` (native speeds, ensembles over the common vocabulary and bytes).
+
+prune: what the pruning threshold costs (forward-pass rows per byte) and changes.
 """
 
 from __future__ import annotations
@@ -115,7 +119,9 @@ def engine() -> None:
         f"in {(time.perf_counter() - start) * 1e3:.0f} ms"
     )
     bench_build(gemma, mcv)
-    own = SubVocabulary.from_pieces("gemma-own", gemma.byte_strings | set(subvocab.ALL_BYTES))
+    own = SubVocabulary.from_pieces(
+        "gemma-own", gemma.byte_strings | set(subvocab.ALL_BYTES), [gemma]
+    )
     print(
         "(b) engine work per piece: next_piece_logprobs + advance, fake forward pass, "
         "prune 1e-9 (target median < 0.5 ms):"
@@ -223,7 +229,7 @@ def bench_backend_model(
 
     path = resolve_source(source)
     vocab = load_vocabulary(path)
-    own = SubVocabulary.from_pieces("own", vocab.byte_strings)
+    own = SubVocabulary.from_pieces("own", vocab.byte_strings, [vocab])
     with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
         prompt = probe.tokenize(BACKEND_PROMPT, True, False)
     decoders = {
@@ -288,9 +294,10 @@ def backend(n_tokens: int = 256) -> None:
 
 
 class EnsembleRun:
-    """An ensemble of the bundled pair generating greedily from BACKEND_PROMPT."""
+    """An ensemble of the bundled pair generating greedily from BACKEND_PROMPT.
+    threads=None and concurrent=None: what `lvr generate` does (ensemble.py decides)."""
 
-    def __init__(self, sub_vocab: str, threads: int, concurrent: bool) -> None:
+    def __init__(self, sub_vocab: str, threads: int | None, concurrent: bool | None) -> None:
         from lvr_local.config import Defaults, ModelSpec
         from lvr_local.ensemble import Ensemble, load_member
 
@@ -303,12 +310,19 @@ class EnsembleRun:
         self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
         self.ensemble.start_raw(BACKEND_PROMPT + b" ")
         self.n_bytes = 0
+        self._start = (0, 0)
+        self._start = self.work()  # the prompt's work is not the generation's
 
     def step(self) -> None:
         self.n_bytes += len(self.ensemble.step(greedy_without_end).text)
 
-    def forward_passes(self) -> int:
-        return sum(m.backend.counters.forward_passes for m in self.members)
+    def work(self) -> tuple[int, int]:
+        """(llama_decode calls, rows evaluated) since the prompt, over all members: on a
+        CPU a batch costs about one forward pass per row."""
+        counters = [m.backend.counters for m in self.members]
+        calls = sum(c.forward_passes for c in counters)
+        rows = sum(c.tokens_evaluated for c in counters)
+        return calls - self._start[0], rows - self._start[1]
 
     def close(self) -> None:
         self.ensemble.close()
@@ -316,8 +330,11 @@ class EnsembleRun:
             m.close()
 
 
-def ensemble_bench(n_steps: int = 128) -> dict[str, object]:
-    """Native speed of each model and ensemble speeds, measured side by side in one run."""
+def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
+    """Native speed of each model and ensemble speeds, measured side by side in one run:
+    the runs take turns, `block` steps each, so that a burst of load on a shared machine
+    hits all alike. Blocks rather than single steps: right after another context's
+    decode, llama.cpp's idle threads still spin for a while and slow the next run."""
     import resource
 
     from lvr_local.backend import LlamaBackend, physical_cores
@@ -329,23 +346,33 @@ def ensemble_bench(n_steps: int = 128) -> dict[str, object]:
         with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
             prompt = probe.tokenize(BACKEND_PROMPT, True, False)
         runs[f"native {name}"] = PlainGreedy(path, prompt, threads)
-    runs["ensemble mcv"] = EnsembleRun("mcv", threads, concurrent=False)
-    runs["ensemble mcv, concurrent"] = EnsembleRun("mcv", max(1, threads // 2), concurrent=True)
-    runs["ensemble bytes"] = EnsembleRun("bytes", threads, concurrent=False)
+        if threads > 1:  # how the model scales over threads decides how to share cores
+            runs[f"native {name}, 1 thread"] = PlainGreedy(path, prompt, 1)
+    runs["ensemble mcv"] = EnsembleRun("mcv", None, None)
+    runs["ensemble mcv, in turn"] = EnsembleRun("mcv", threads, concurrent=False)
+    runs["ensemble bytes"] = EnsembleRun("bytes", None, None)
     times: dict[str, list[float]] = {k: [] for k in runs}
     labels = list(runs)
-    for i in range(n_steps):
-        shift = i % len(labels)
+    for i in range(0, n_steps, block):
+        shift = (i // block) % len(labels)
         for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            runs[label].step()  # type: ignore[attr-defined]
-            times[label].append(time.perf_counter() - start)
-    t_native = {name: float(np.median(times[f"native {name}"])) for name in paths}
+            for _ in range(min(block, n_steps - i)):
+                start = time.perf_counter()
+                runs[label].step()  # type: ignore[attr-defined]
+                times[label].append(time.perf_counter() - start)
+    # Rates from total time (throughput): byte-level steps are bimodal (a forward pass or
+    # none), so a median step would misstate them.
+    t_native = {name: float(np.mean(times[f"native {name}"])) for name in paths}
     ideal = 1.0 / sum(t_native.values())
     report: dict[str, object] = {
         "steps": n_steps,
         "threads": threads,
         "native_tokens_per_s": {k: round(1.0 / v, 1) for k, v in t_native.items()},
+        "native_one_thread_tokens_per_s": {
+            name: round(len(times[key]) / float(np.sum(times[key])), 1)
+            for name in paths
+            if (key := f"native {name}, 1 thread") in times
+        },
         "ideal_sequential_pieces_per_s": round(ideal, 1),
         "ensembles": {},
     }
@@ -355,17 +382,20 @@ def ensemble_bench(n_steps: int = 128) -> dict[str, object]:
         run = runs[label]
         assert isinstance(run, EnsembleRun)
         total = float(np.sum(times[label]))
-        rate = 1.0 / float(np.median(times[label]))
+        rate = n_steps / total
         report["ensembles"][label] = {  # type: ignore[index]
+            "threads": [m.backend.n_threads for m in run.members],
+            "concurrent": run.ensemble.concurrent,
             "pieces_per_s": round(rate, 1),
             "bytes_per_s": round(run.n_bytes / total, 1),
             "ratio_to_ideal": round(rate / ideal, 3),
-            "forward_passes_per_piece": round(run.forward_passes() / n_steps, 2),
+            "forward_passes_per_piece": round(run.work()[0] / n_steps, 2),
+            "rows_per_piece": round(run.work()[1] / n_steps, 2),
         }
     for run in runs.values():
         run.close()  # type: ignore[attr-defined]
-    mcv_step = float(np.median(times["ensemble mcv"]))
-    report["engine_overhead_ms_per_piece"] = round(1e3 * (mcv_step - sum(t_native.values())), 2)
+    in_turn = float(np.mean(times["ensemble mcv, in turn"]))  # same threads as native
+    report["engine_overhead_ms_per_piece"] = round(1e3 * (in_turn - sum(t_native.values())), 2)
     ens = report["ensembles"]
     report["bytes_vs_mcv_bytes_per_s"] = round(
         ens["ensemble bytes"]["bytes_per_s"] / ens["ensemble mcv"]["bytes_per_s"],
@@ -378,23 +408,29 @@ def ensemble_bench(n_steps: int = 128) -> dict[str, object]:
 def print_ensemble_report(report: dict[str, object]) -> None:
     native = report["native_tokens_per_s"]
     print(f"{report['steps']} greedy steps each, side by side, n_threads={report['threads']}")
+    one_thread = report["native_one_thread_tokens_per_s"]
     for name, rate in native.items():  # type: ignore[union-attr]
-        print(f"  native {name:<10} {rate:8.1f} tokens/s")
+        alone = one_thread.get(name)  # type: ignore[union-attr]
+        with_one = f" ({alone} with 1 thread)" if alone else ""
+        print(f"  native {name:<10} {rate:8.1f} tokens/s{with_one}")
     print(
         f"  ideal sequential ensemble 1/(t_A + t_B): {report['ideal_sequential_pieces_per_s']} "
         "pieces/s"
     )
     for label, r in report["ensembles"].items():  # type: ignore[union-attr]
+        how = "at once" if r["concurrent"] else "in turn"
+        threads = "+".join(str(t) for t in r["threads"])
         print(
-            f"  {label:<26} {r['pieces_per_s']:7.1f} pieces/s {r['bytes_per_s']:7.1f} bytes/s"
+            f"  {label:<22} {r['pieces_per_s']:6.1f} pieces/s {r['bytes_per_s']:6.1f} bytes/s"
             f"  ratio to ideal {r['ratio_to_ideal']:.3f}  forward passes/piece "
-            f"{r['forward_passes_per_piece']}"
+            f"{r['forward_passes_per_piece']} ({r['rows_per_piece']} rows)"
+            f"  threads {threads}, {how}"
         )
     print(
         f"  byte-level bytes/s vs MCV bytes/s: {report['bytes_vs_mcv_bytes_per_s']} (target >= 0.5)"
     )
     print(
-        f"  engine overhead per MCV piece (step minus t_A + t_B): "
+        f"  engine overhead per MCV piece (in-turn step minus t_A + t_B): "
         f"{report['engine_overhead_ms_per_piece']} ms"
     )
     print(f"  peak memory (RSS): {report['peak_rss_mib']} MiB")
@@ -404,7 +440,51 @@ def ensemble() -> None:
     print_ensemble_report(ensemble_bench())
 
 
-BENCHMARKS = {"engine": engine, "backend": backend, "ensemble": ensemble}
+# ----- prune: what the pruning threshold costs and buys ----------------------------------
+
+ENGLISH = Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt"
+
+
+def prune(n_bytes: int = 600) -> None:
+    """Each bundled model alone over bytes, scoring the first n_bytes of English prose at
+    several thresholds: forward-pass rows and time per byte, the text's log-probability,
+    and the sum over steps of the share of Q each step dropped (it bounds how far pruning
+    moved the log-probability, in nats, to first order). Log-probabilities that differ by
+    more than that bound differ by llama.cpp's arithmetic: batches of other sizes take
+    other kernels."""
+    from lvr_local.backend import physical_cores
+    from lvr_local.config import Defaults, ModelSpec
+    from lvr_local.ensemble import Ensemble, load_member
+
+    text = ENGLISH.read_bytes()[:n_bytes]
+    print(
+        f"{len(text)} bytes of {ENGLISH.name}, one model over bytes, n_threads={physical_cores()}"
+    )
+    for name, source in (("smollm2", SMOLLM2), ("gemma3", GEMMA3)):
+        member = load_member(ModelSpec(name=name, source=source, n_ctx=2048), Defaults())
+        for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
+            ensemble = Ensemble([member], sub_vocab="bytes", options=EngineOptions(threshold))
+            ensemble.start_raw(b"")
+            counters = member.backend.counters
+            rows, start = counters.tokens_evaluated, time.perf_counter()
+            logprob = dropped = 0.0
+            for index, value in enumerate(text):
+                piece = ensemble.piece_id(bytes([value]))
+                assert piece is not None
+                event = ensemble.force(piece, index)
+                logprob, dropped = logprob + event.logprob, dropped + event.pruned[0]
+            seconds = time.perf_counter() - start
+            print(
+                f"  {name:<8} prune {threshold:g}: rows/byte "
+                f"{(counters.tokens_evaluated - rows) / len(text):.2f}, "
+                f"{seconds / len(text) * 1e3:5.1f} ms/byte, log-probability {logprob:9.3f}, "
+                f"summed dropped share {dropped:.2e}"
+            )
+            ensemble.close()
+        member.close()
+
+
+BENCHMARKS = {"engine": engine, "backend": backend, "ensemble": ensemble, "prune": prune}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,7 +32,7 @@ class Defaults:
     n_threads: int = 0
     sub_vocab: str = "mcv"
     combine: str = "mean"
-    prune: float = 1e-6
+    prune: float = 1e-4
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

@@ -48,6 +48,7 @@ class Member:
     weight: float = 1.0
     chat_template: str | None = None
     enabled: bool = True  # the TUI's on/off switch; takes effect at the next prompt
+    auto_threads: bool = False  # no thread count configured: the ensemble shares cores out
 
     def close(self) -> None:
         self.backend.close()
@@ -57,11 +58,12 @@ def load_member(spec: ModelSpec, defaults: Defaults, *, n_threads: int | None = 
     """Load one model of models.toml (vocabulary from the cache, weights into llama.cpp)."""
     path = spec.resolve_path()
     vocab = load_vocabulary(path, name=spec.name)
+    threads = n_threads or defaults.n_threads or None
     backend = LlamaBackend(
         path,
         n_ctx=spec.n_ctx,
         n_gpu_layers=spec.n_gpu_layers,
-        n_threads=n_threads or defaults.n_threads or None,
+        n_threads=threads,
         n_seq_max=N_SEQ_MAX,
     )
     return Member(
@@ -71,6 +73,7 @@ def load_member(spec: ModelSpec, defaults: Defaults, *, n_threads: int | None = 
         weight=spec.weight,
         chat_template=spec.chat_template or vocab.chat_template,
         enabled=spec.enabled,
+        auto_threads=threads is None,
     )
 
 
@@ -133,15 +136,16 @@ class Ensemble:
         self._states: list[PieceState | None] = []
         self._live: list[bool] = []
         self._phase_sub = self.sub
-        if concurrent is None:
-            # Members decoding at once only pay when each has its own cores: llama.cpp's
-            # threads spin while waiting, and oversubscribed cores slow every decode down.
-            concurrent = len(self.members) > 1 and physical_cores() >= 2 * max(
-                m.backend.n_threads for m in self.members
-            )
-        self._pool = ThreadPoolExecutor(len(self.members)) if concurrent else None
+        self._concurrent_choice = concurrent  # None: decided for each prompt
+        self._pool: ThreadPoolExecutor | None = None
+        self._concurrent = False
 
     # ----------------------------------------------------------------- set-up
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether this generation's members decode at once (see _share_cores)."""
+        return self._concurrent
 
     @property
     def weights(self) -> list[float]:
@@ -173,12 +177,36 @@ class Ensemble:
         self._phase_sub = self._byte_sub if byte_phase else self.sub
         tables = self._byte_level_tables() if byte_phase else self.tables
         self._states = [None] * len(self.members)
+        self._set_auto_threads(physical_cores())  # prompts: one after the other, all cores
         for i, prompt in prompts.items():
             self.members[i].backend.set_prompt(prompt.tokens)
             self._states[i] = self._new_state(self.members[i], tables[i])
+        self._share_cores()
         for i, prompt in prompts.items():
             self._force_tail(self.members[i], self._states[i], prompt.tail)
         self._maybe_leave_byte_phase()
+
+    def _set_auto_threads(self, n_threads: int) -> None:
+        for m in self.members:
+            if m.auto_threads and m.backend.n_threads != n_threads:
+                m.backend.set_threads(n_threads)
+
+    def _share_cores(self) -> None:
+        """Choose how this generation's members decode: at once, sharing the cores, or
+        in turn with all of them. At once needs a core per thread: llama.cpp's threads
+        spin while they wait, so oversubscribed cores slow every decode down. Members
+        without a configured thread count get an equal share of the cores. On 2 cores
+        one thread each at once beats two each in turn: tiny models scale poorly over
+        threads (README, "Speed")."""
+        live = [m for m, ok in zip(self.members, self._live, strict=True) if ok]
+        cores = physical_cores()
+        together = self._concurrent_choice is not False and len(live) > 1
+        self._set_auto_threads(max(1, cores // len(live)) if together else cores)
+        if self._concurrent_choice is None:
+            together = together and sum(m.backend.n_threads for m in live) <= cores
+        if together and self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.members))
+        self._concurrent = together
 
     def _new_state(self, member: Member, tables: DecompositionTables) -> PieceState:
         if self.rule == "naive":
@@ -229,7 +257,7 @@ class Ensemble:
             raise LvrError("no prompt: call start_raw or start_chat first")
         live = [i for i, ok in enumerate(self._live) if ok]
         states = [s for i in live if (s := self._states[i]) is not None]
-        if self._pool is not None and len(states) > 1:
+        if self._concurrent and self._pool is not None and len(states) > 1:
             rows = list(self._pool.map(lambda s: s.next_piece_logprobs(), states))
         else:
             rows = [s.next_piece_logprobs() for s in states]

@@ -161,6 +161,10 @@ class LlamaContext:
         self.n_batch = L.llama_n_batch(self.ptr)
         self.n_seq_max = L.llama_n_seq_max(self.ptr)
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next decodes (both one-token and batch decodes)."""
+        L.llama_set_n_threads(self.ptr, n_threads, n_threads)
+
     def decode(self, batch: LlamaBatch) -> int:
         """llama_decode's status: 0 ok, 1 no KV slot (memory left unchanged), else failure."""
         return L.llama_decode(self.ptr, batch.struct)

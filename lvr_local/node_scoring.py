@@ -92,7 +92,9 @@ class NodeScorer:
         self.identity = shared.sum() <= IDENTITY_MAX_SHARED * valid.sum()
         if self.identity:
             self._prepare_identity(first, valid & ~shared, shared, feeders)
-        self._weights = np.empty(self.n_vocab)  # scratch: exp of one row at a time
+        # Scratch for the exp of one row. The scatter sums into float64 bins, and
+        # np.add.at is only fast when the weights have the bins' dtype.
+        self._weights = np.empty(self.n_vocab, self.exp_dtype if self.identity else np.float64)
 
     def _prepare_identity(
         self, first: np.ndarray, alone: np.ndarray, shared: np.ndarray, feeders: np.ndarray
@@ -112,9 +114,10 @@ class NodeScorer:
         if self.top_k is None:
             # Fast path: one exp of the raw logits, kept when the normaliser shows that
             # nothing overflowed and the tokens that matter are far from underflow.
+            w = self._weights
             with np.errstate(over="ignore"):
-                np.exp(x, out=self._weights, dtype=np.result_type(x.dtype, self.exp_dtype))
-            scored = self._summed(x, 0.0, DIRECT_NORM)
+                np.exp(x, out=w, dtype=np.result_type(x.dtype, self.exp_dtype))
+            scored = self._summed(x, w, 0.0, DIRECT_NORM)
             if scored is not None:
                 return scored
         return self._score_carefully(x)
@@ -126,28 +129,27 @@ class NodeScorer:
             raise LvrError("the model returned NaN or +inf logits")
         if top == NEG_INF:
             return self._dead(x)
-        np.subtract(x, top, out=self._weights, dtype=np.float64)
-        np.exp(self._weights, out=self._weights)
+        w = np.exp(np.subtract(x, top, dtype=np.float64))
         if self.top_k is not None:
-            scored = self._cut_to_top_k(x, top)
+            scored = self._cut_to_top_k(x, w, top)
         else:
-            scored = self._summed(x, top, ANY_NORM)
+            scored = self._summed(x, w, top, ANY_NORM)
         return scored if scored is not None else self._rescaled(x)
 
     def _summed(
-        self, x: np.ndarray, offset: float, norm_range: tuple[float, float]
+        self, x: np.ndarray, w: np.ndarray, offset: float, norm_range: tuple[float, float]
     ) -> Scored | None:
-        """The node's distribution from weights = exp(x - offset); None when their sum is
-        outside `norm_range` (the weights cannot be trusted)."""
+        """The node's distribution from weights w = exp(x - offset); None when their sum
+        is outside `norm_range` (the weights cannot be trusted)."""
         if self.identity:
-            return self._by_identity(x, offset, norm_range)
-        return self._by_scatter(x, offset, norm_range)
+            return self._by_identity(x, w, offset, norm_range)
+        return self._by_scatter(x, w, offset, norm_range)
 
     def _by_scatter(
-        self, x: np.ndarray, offset: float, norm_range: tuple[float, float]
+        self, x: np.ndarray, w: np.ndarray, offset: float, norm_range: tuple[float, float]
     ) -> Scored | None:
         mass = np.zeros(self.n_symbols + 1)  # the last bin collects control tokens
-        np.add.at(mass, self.bins, self._weights)
+        np.add.at(mass, self.bins, w)
         logq = mass[:-1]
         norm = float(logq.sum())
         if not norm_range[0] < norm < norm_range[1]:
@@ -159,15 +161,17 @@ class NodeScorer:
         return Scored(x, offset + log_norm, 0.0, logq)
 
     def _by_identity(
-        self, x: np.ndarray, offset: float, norm_range: tuple[float, float]
+        self, x: np.ndarray, w: np.ndarray, offset: float, norm_range: tuple[float, float]
     ) -> Scored | None:
-        w = self._weights
         w[self.control] = 0.0
-        norm = float(w.sum())
+        norm = float(w.sum())  # pairwise summation: ~1e-7 relative in float32
         if not norm_range[0] < norm < norm_range[1]:
             return None
         lse = offset + math.log(norm)
-        logq = np.subtract(x.take(self.rep), lse, dtype=np.float64)
+        # In the exp's precision: float32 halves the memory traffic of this gather, the
+        # step's largest after the exp (q is then good to ~1e-7 relative).
+        logq = x.take(self.rep).astype(self.exp_dtype, copy=False)
+        logq -= lse
         logq[self.empty_pieces] = NEG_INF
         if len(self.shared_tokens):
             mass = np.bincount(self.shared_group, weights=w[self.shared_tokens])
@@ -175,9 +179,8 @@ class NodeScorer:
                 logq[self.shared_pieces] = np.log(mass) - math.log(norm)
         return Scored(x, lse, 0.0, logq)
 
-    def _cut_to_top_k(self, x: np.ndarray, offset: float) -> Scored | None:
+    def _cut_to_top_k(self, x: np.ndarray, w: np.ndarray, offset: float) -> Scored | None:
         """K-LVR: only the K most likely tokens with bytes (or END) keep their mass."""
-        w = self._weights
         w[self.control] = 0.0
         norm = float(w.sum())
         if norm == 0.0:

@@ -1,9 +1,13 @@
 """Sub-vocabularies: the set of byte strings ("pieces") that reduced models emit.
 
 A sub-vocabulary knows pieces and their ids, nothing about models' probabilities.
-Piece ids are positions in `pieces` (sorted bytes); END, the end of generation, is the
-extra id `len(pieces)`. Every sub-vocabulary contains the single bytes that occur in the
-tokens it serves, so that every token can be decomposed into pieces (ALGORITHM.md §1).
+Piece ids are positions in `pieces`; END, the end of generation, is the extra id
+`len(pieces)`. Pieces follow the token order of the largest vocabulary they were built
+from (then the pieces it lacks, sorted): a model whose tokens are nearly all pieces then
+reads its logits in order when it gathers them into piece order (node_scoring.py's
+identity strategy), a stream instead of 262k random reads (0.39 -> ~0.14 ms a step).
+Every sub-vocabulary contains the single bytes that occur in the tokens it serves, so
+that every token can be decomposed into pieces (ALGORITHM.md §1).
 """
 
 from __future__ import annotations
@@ -22,17 +26,27 @@ ALL_BYTES = tuple(bytes([b]) for b in range(256))
 
 @dataclass(frozen=True, eq=False)
 class SubVocabulary:
-    """Pieces (sorted, distinct, non-empty byte strings) plus END."""
+    """Pieces (distinct, non-empty byte strings) plus END."""
 
     kind: str
     pieces: tuple[bytes, ...]
 
     @classmethod
-    def from_pieces(cls, kind: str, pieces: Iterable[bytes]) -> SubVocabulary:
-        distinct = sorted(set(pieces))
-        if distinct and distinct[0] == b"":
+    def from_pieces(
+        cls, kind: str, pieces: Iterable[bytes], layout: Sequence[Vocabulary] = ()
+    ) -> SubVocabulary:
+        """Pieces in the token order of the largest vocabulary of `layout`, then the
+        others sorted (all sorted when `layout` is empty)."""
+        distinct = set(pieces)
+        if b"" in distinct:
             raise LvrError("a sub-vocabulary piece must not be empty")
-        return cls(kind=kind, pieces=tuple(distinct))
+        ordered: list[bytes] = []
+        if layout:
+            largest = max(layout, key=lambda v: v.n_tokens)
+            # dict.fromkeys keeps each byte string's first token and the token order.
+            ordered = [b for b in dict.fromkeys(largest.all_token_bytes) if b in distinct]
+        rest = distinct.difference(ordered)
+        return cls(kind=kind, pieces=(*ordered, *sorted(rest)))
 
     @property
     def end_id(self) -> int:
@@ -91,7 +105,7 @@ def max_length(vocabs: Sequence[Vocabulary], k: int) -> SubVocabulary:
     if k < 1:
         raise LvrError(f"maxlen:K needs K >= 1, got {k}")
     pieces = {b for v in vocabs for b in v.byte_strings if len(b) <= k}
-    return SubVocabulary.from_pieces(f"maxlen:{k}", pieces | set(ALL_BYTES))
+    return SubVocabulary.from_pieces(f"maxlen:{k}", pieces | set(ALL_BYTES), vocabs)
 
 
 def explicit(pieces: Iterable[bytes]) -> SubVocabulary:
@@ -113,7 +127,7 @@ def common(vocabs: Sequence[Vocabulary]) -> SubVocabulary:
     """The maximal common vocabulary (ALGORITHM.md §4): byte strings every model has as a
     token, plus every single byte occurring in any model's tokens."""
     singles = {bytes([b]) for b in used_bytes(vocabs)}
-    return SubVocabulary.from_pieces("mcv", shared_strings(vocabs) | singles)
+    return SubVocabulary.from_pieces("mcv", shared_strings(vocabs) | singles, vocabs)
 
 
 def common_report(vocabs: Sequence[Vocabulary]) -> dict[str, object]:

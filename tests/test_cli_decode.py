@@ -129,3 +129,17 @@ def test_ctrl_c_keeps_the_text_and_exits_130(isolated_home: Path) -> None:
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert len(first + rest) >= 8 and b"interrupted" in err and b"Traceback" not in err
+
+
+def test_bench_json_reports_every_run() -> None:
+    code, out = run("bench", "--steps", "8", "--json")
+    assert code == 0, out
+    report = json.loads(out[out.index("{") :])
+    assert set(report["native_tokens_per_s"]) == {"smollm2", "gemma3"}
+    runs = report["ensembles"]
+    assert set(runs) == {"ensemble mcv", "ensemble mcv, in turn", "ensemble bytes"}
+    assert runs["ensemble mcv, in turn"]["concurrent"] is False
+    for r in runs.values():
+        assert r["pieces_per_s"] > 0 and r["rows_per_piece"] >= r["forward_passes_per_piece"] > 0
+    # Over bytes every piece is one byte.
+    assert runs["ensemble bytes"]["bytes_per_s"] == runs["ensemble bytes"]["pieces_per_s"]

@@ -78,8 +78,16 @@ def test_hash_collisions_do_not_change_the_split() -> None:
 
 
 def assert_same_tables(x: DecompositionTables, y: DecompositionTables) -> None:
-    for name in ("first_piece", "n_pieces", "seq_start", "seq", "single_ptr", "single_tokens",
-                 "multi_ptr", "multi_tokens"):
+    for name in (
+        "first_piece",
+        "n_pieces",
+        "seq_start",
+        "seq",
+        "single_ptr",
+        "single_tokens",
+        "multi_ptr",
+        "multi_tokens",
+    ):
         assert np.array_equal(getattr(x, name), getattr(y, name)), name
 
 

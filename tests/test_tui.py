@@ -53,8 +53,15 @@ def chat(app: LvrApp) -> ChatScreen:
 
 
 async def wait_loaded(pilot: Pilot, app: LvrApp) -> None:
-    await wait_until(pilot, lambda: app.session is not None and app.session.loaded
-                     and not chat(app).busy and len(chat(app).query(ModelCard)) == 2)
+    await wait_until(
+        pilot,
+        lambda: (
+            app.session is not None
+            and app.session.loaded
+            and not chat(app).busy
+            and len(chat(app).query(ModelCard)) == 2
+        ),
+    )
     await pilot.pause(0.1)  # let the cards lay out
 
 
@@ -89,7 +96,9 @@ async def test_reply_streams_into_the_conversation_and_is_saved(config_file: Pat
     assert records[0]["type"] == "conversation"
     messages = [r for r in records if r["type"] == "message"]
     assert [(m["role"], m["content"]) for m in messages] == [
-        ("user", "Say hello."), ("assistant", reply.text)]
+        ("user", "Say hello."),
+        ("assistant", reply.text),
+    ]
     pieces = "".join(r["text"] for r in records if r["type"] == "piece")
     assert pieces == reply.text
 
@@ -169,8 +178,19 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
             assert card.query_one(".enabled").region.width >= 2
         svg = Path(app.save_screenshot(path=str(tmp_path), filename="main.svg")).read_text()
     text = svg.replace("&#160;", " ")
-    for label in ("lvr-local", "rule mean", "smollm2-135m", "gemma3-270m", "gpt2",
-                  "262,144 tokens", "weight", "Stop", "New", "Attribution", "Settings"):
+    for label in (
+        "lvr-local",
+        "rule mean",
+        "smollm2-135m",
+        "gemma3-270m",
+        "gpt2",
+        "262,144 tokens",
+        "weight",
+        "Stop",
+        "New",
+        "Attribution",
+        "Settings",
+    ):
         assert label in text, label
 
 
@@ -228,8 +248,7 @@ def test_a_torn_transcript_keeps_the_partial_reply(tmp_path: Path) -> None:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "pie', "utf-8")
     convo = read_conversation(path)
-    assert [(m.role, m.content) for m in convo.messages] == [("user", "hi"),
-                                                             ("assistant", "Hello")]
+    assert [(m.role, m.content) for m in convo.messages] == [("user", "hi"), ("assistant", "Hello")]
     assert convo.messages[1].pieces[1].dominant == 1
 
 

@@ -25,8 +25,9 @@ class LvrApp(App[None]):
     TITLE = "lvr-local"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
-    def __init__(self, config_path: Path | str | None = None, *,
-                 max_pieces: int | None = None) -> None:
+    def __init__(
+        self, config_path: Path | str | None = None, *, max_pieces: int | None = None
+    ) -> None:
         super().__init__()
         self.config_path = config_path
         self.max_pieces = max_pieces
@@ -53,8 +54,9 @@ class LvrApp(App[None]):
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
         if self._config_error is not None:
-            self.notify(self._config_error, title="Configuration error", severity="error",
-                        timeout=30)
+            self.notify(
+                self._config_error, title="Configuration error", severity="error", timeout=30
+            )
 
     async def action_quit(self) -> None:
         self.shutdown_models()

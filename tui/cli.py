@@ -6,8 +6,11 @@ import click
 
 
 @click.command()
-@click.option("--max-pieces", type=click.IntRange(min=1),
-              help="Length limit of each reply, in pieces (default from models.toml).")
+@click.option(
+    "--max-pieces",
+    type=click.IntRange(min=1),
+    help="Length limit of each reply, in pieces (default from models.toml).",
+)
 @click.pass_context
 def tui(ctx: click.Context, max_pieces: int | None) -> None:
     """Chat with the ensemble in a full-screen terminal app."""

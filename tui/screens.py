@@ -78,15 +78,22 @@ class WorkerFailed(Message):
 
 
 class PieceGenerated(Message):
-    def __init__(self, reply: AssistantMessage, piece: PieceRecord, event: PieceEvent,
-                 figures: LiveFigures) -> None:
+    def __init__(
+        self, reply: AssistantMessage, piece: PieceRecord, event: PieceEvent, figures: LiveFigures
+    ) -> None:
         super().__init__()
         self.reply, self.piece, self.event, self.figures = reply, piece, event, figures
 
 
 class GenerationEnded(Message):
-    def __init__(self, reply: AssistantMessage, text: str, stop_reason: str,
-                 figures: LiveFigures | None, error: str | None) -> None:
+    def __init__(
+        self,
+        reply: AssistantMessage,
+        text: str,
+        stop_reason: str,
+        figures: LiveFigures | None,
+        error: str | None,
+    ) -> None:
         super().__init__()
         self.reply, self.text, self.stop_reason = reply, text, stop_reason
         self.figures, self.error = figures, error
@@ -147,9 +154,10 @@ class ChatScreen(Screen[None]):
         assert session is not None
         try:
             with session.lock:
-                session.load(self.lvr.settings,
-                             lambda label, done, total: self.post_message(
-                                 LoadProgress(label, done, total)))
+                session.load(
+                    self.lvr.settings,
+                    lambda label, done, total: self.post_message(LoadProgress(label, done, total)),
+                )
                 ready = EnsembleReady(session.model_infos(), session.describe())
             self.post_message(ready)
         except Exception as e:
@@ -207,8 +215,9 @@ class ChatScreen(Screen[None]):
         self.lvr.stop_event = threading.Event()
         settings = self.lvr.settings
         system = [ChatMessage("system", settings.system_prompt)] if settings.system_prompt else []
-        self.generate(reply, [*system, *self.history], settings, models, self._log(),
-                      self.lvr.stop_event)
+        self.generate(
+            reply, [*system, *self.history], settings, models, self._log(), self.lvr.stop_event
+        )
 
     def _cannot_send(self) -> str | None:
         if self.lvr.session is None:
@@ -226,8 +235,10 @@ class ChatScreen(Screen[None]):
             try:
                 weight = float(card.weight_text)
             except ValueError:
-                self.notify(f"weight of {card.info.name} must be a number, "
-                            f"got '{card.weight_text}'", severity="error")
+                self.notify(
+                    f"weight of {card.info.name} must be a number, got '{card.weight_text}'",
+                    severity="error",
+                )
                 return None
             choices.append((weight, card.enabled))
         return choices
@@ -235,14 +246,19 @@ class ChatScreen(Screen[None]):
     def _log(self) -> ConversationLog:
         if self.log_file is None:
             names = [m.name for m in self.lvr.model_infos()]
-            self.log_file = ConversationLog(header=new_header(names,
-                                                              self.lvr.settings.as_record()))
+            self.log_file = ConversationLog(header=new_header(names, self.lvr.settings.as_record()))
         return self.log_file
 
     @work(thread=True, group="ensemble")
-    def generate(self, reply: AssistantMessage, messages: Sequence[ChatMessage],
-                 settings: ChatSettings, models: list[tuple[float, bool]],
-                 log: ConversationLog, stop: threading.Event) -> None:
+    def generate(
+        self,
+        reply: AssistantMessage,
+        messages: Sequence[ChatMessage],
+        settings: ChatSettings,
+        models: list[tuple[float, bool]],
+        log: ConversationLog,
+        stop: threading.Event,
+    ) -> None:
         """Pull pieces in this thread; post each to the UI and append it to the log."""
         session = self.lvr.session
         assert session is not None
@@ -252,8 +268,9 @@ class ChatScreen(Screen[None]):
         with session.lock:
             try:
                 for event in session.generate(messages, settings, models, stop, stats):
-                    piece = PieceRecord(decoder.decode(event.text), event.dominant,
-                                        event.member_probs, event.prob)
+                    piece = PieceRecord(
+                        decoder.decode(event.text), event.dominant, event.member_probs, event.prob
+                    )
                     text += piece.text
                     n_bytes += len(event.text)
                     if piece.text:
@@ -268,8 +285,7 @@ class ChatScreen(Screen[None]):
         reason = "error" if error else stats.stop_reason
         if text or not error:
             weights = [w for w, _ in models]
-            log.message("assistant", text, stop_reason=reason, pieces=stats.pieces,
-                        weights=weights)
+            log.message("assistant", text, stop_reason=reason, pieces=stats.pieces, weights=weights)
         self.post_message(GenerationEnded(reply, text, reason, figures, error))
 
     async def on_piece_generated(self, message: PieceGenerated) -> None:
@@ -370,8 +386,9 @@ class ChatScreen(Screen[None]):
                 reply = AssistantMessage(names)
                 await conversation.mount(reply)
                 status = STOP_REASONS.get(m.stop_reason, m.stop_reason)
-                await reply.show_saved(m.content, m.pieces,
-                                       f"[{status}]" if status not in ("done", "") else "")
+                await reply.show_saved(
+                    m.content, m.pieces, f"[{status}]" if status not in ("done", "") else ""
+                )
             self.history.append(ChatMessage(m.role, m.content))
         self.log_file = ConversationLog(saved.path)
         self.lvr.settings = replace(self.lvr.settings, system_prompt=saved.system_prompt)
@@ -403,15 +420,21 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
             yield Label("Settings", classes="dialog-title")
             with Grid(id="settings-grid"):
                 yield Label("rule")
-                yield Select([(r, r) for r in COMBINE_RULES], value=s.rule, allow_blank=False,
-                             compact=True, id="rule")
+                yield Select(
+                    [(r, r) for r in COMBINE_RULES],
+                    value=s.rule,
+                    allow_blank=False,
+                    compact=True,
+                    id="rule",
+                )
                 yield from _field("sub-vocab", "sub_vocab", s.sub_vocab, "mcv | bytes | maxlen:K")
                 yield from _field("temperature", "temperature", f"{s.temperature:g}", "0 = greedy")
                 yield from _field("top-p", "top_p", f"{s.top_p:g}", "(0, 1]")
                 yield from _field("top-k", "top_k", str(s.top_k), "0 = off")
                 yield from _field("max length", "max_pieces", str(s.max_pieces), "pieces")
-                yield from _field("seed", "seed", "" if s.seed is None else str(s.seed),
-                                  "empty = random")
+                yield from _field(
+                    "seed", "seed", "" if s.seed is None else str(s.seed), "empty = random"
+                )
             yield Label("system prompt")
             yield TextArea(s.system_prompt, id="system_prompt", compact=True)
             with Horizontal(id="settings-buttons"):
@@ -424,8 +447,12 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
     def read(self) -> ChatSettings:
         """The form's settings; ValueError or ConfigError says which field is wrong."""
         numbers = {}
-        for key, kind in (("temperature", float), ("top_p", float), ("top_k", int),
-                          ("max_pieces", int)):
+        for key, kind in (
+            ("temperature", float),
+            ("top_p", float),
+            ("top_k", int),
+            ("max_pieces", int),
+        ):
             try:
                 numbers[key] = kind(self._value(key))
             except ValueError:

@@ -174,14 +174,20 @@ class EnsembleSession:
             member.enabled = on
         ens.start_chat(messages)
         self._t0 = time.perf_counter()  # figures count pieces, not prompt processing
-        self._baseline = [(m.backend.counters.forward_passes, m.backend.counters.cache_hits)
-                          for m in ens.members]
+        self._baseline = [
+            (m.backend.counters.forward_passes, m.backend.counters.cache_hits) for m in ens.members
+        ]
         if stop.is_set():
             stats.stop_reason = "stopped"
             return
         sampler = Sampler(
-            SamplingParams(settings.temperature, settings.top_k, settings.top_p,
-                           self.config.defaults.min_p, settings.seed)
+            SamplingParams(
+                settings.temperature,
+                settings.top_k,
+                settings.top_p,
+                self.config.defaults.min_p,
+                settings.seed,
+            )
         )
         events = ens.generate(sampler, max_pieces=settings.max_pieces, stats=stats)
         try:

@@ -72,12 +72,18 @@ class ConversationLog:
         self._write(record)
 
     def message(self, role: str, content: str, **extra: Any) -> None:
-        self.append({"type": "message", "role": role, "content": content,
-                     "time": _now(), **extra})
+        self.append({"type": "message", "role": role, "content": content, "time": _now(), **extra})
 
     def piece(self, piece: PieceRecord) -> None:
-        self.append({"type": "piece", "text": piece.text, "dominant": piece.dominant,
-                     "member_probs": list(piece.member_probs), "prob": piece.prob})
+        self.append(
+            {
+                "type": "piece",
+                "text": piece.text,
+                "dominant": piece.dominant,
+                "member_probs": list(piece.member_probs),
+                "prob": piece.prob,
+            }
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self._file is not None
@@ -91,8 +97,13 @@ class ConversationLog:
 
 
 def new_header(models: list[str], settings: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "conversation", "version": 1, "created": _now(), "models": models,
-            "settings": settings}
+    return {
+        "type": "conversation",
+        "version": 1,
+        "created": _now(),
+        "models": models,
+        "settings": settings,
+    }
 
 
 def list_conversations() -> list[SavedConversation]:
@@ -121,8 +132,11 @@ def read_conversation(path: Path) -> SavedConversation:
         elif kind == "message":
             role = str(record.get("role", ""))
             pieces, pending = (pending, []) if role == "assistant" else ([], pending)
-            convo.messages.append(SavedMessage(role, str(record.get("content", "")), pieces,
-                                               str(record.get("stop_reason", ""))))
+            convo.messages.append(
+                SavedMessage(
+                    role, str(record.get("content", "")), pieces, str(record.get("stop_reason", ""))
+                )
+            )
     if pending:  # the app stopped mid-reply: keep what was written
         text = "".join(p.text for p in pending)
         convo.messages.append(SavedMessage("assistant", text, pending, "interrupted"))

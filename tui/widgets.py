@@ -224,8 +224,10 @@ class FiguresView(Static):
         text.append(f"{figures.pieces} pieces, {figures.bytes} bytes, {figures.seconds:.1f} s")
         for i, m in enumerate(figures.members):
             text.append(f"\n{m.name[:22]}", style=model_colour(i))
-            text.append(f"\n fwd {m.forward_passes} hits {m.cache_hits} alive {m.alive}"
-                        f" pruned {m.pruned:.1e}")
+            text.append(
+                f"\n fwd {m.forward_passes} hits {m.cache_hits} alive {m.alive}"
+                f" pruned {m.pruned:.1e}"
+            )
         self.update(text)
 
 
