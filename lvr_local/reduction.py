@@ -64,7 +64,7 @@ class EngineOptions:
     """`prune`: drop nodes whose share of Q(u) is below this fraction. 0 keeps every node,
     which is exact but can keep exponentially many tokenizations alive (each byte-fallback
     duplicate of a token doubles them). The default 1e-4 dropped ~2e-5 nats per byte of
-    English and cut forward-pass rows per byte 2.8-3.5x against 1e-6; that error is far
+    English and cut forward-pass rows per byte 3.1-3.5x against 1e-6; that error is far
     below llama.cpp's own arithmetic noise between batch layouts (README, "Exactness").
     `top_k`: K-LVR, keep only the K most likely tokens of each scored node (None or 0: all
     tokens). `precision`: of the full-vocabulary exp, "float32" (~1e-7 relative, the
