@@ -45,13 +45,36 @@ def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
     if np.any(w < 0) or w.sum() <= 0:
         raise LvrError("the mean rule needs non-negative weights with a positive sum")
     active = w > 0
-    log_w = np.log(w[active] / w[active].sum())
-    terms = logq[active] + log_w[:, None]
-    top = np.max(terms, axis=0)
-    safe_top = np.where(np.isfinite(top), top, 0.0)
+    rows = logq[active]
+    if len(rows) == 1:  # one model: its own distribution (rows are normalised)
+        if not np.isfinite(np.max(rows[0])):
+            raise LvrError("no piece is possible under the combined distribution")
+        return rows[0]
+    weights = w[active] / w[active].sum()
+    # In probability space: one exp per entry, no per-piece maximum (the step's serial
+    # part while the models wait). float64 keeps every q above ~1e-308.
+    mixed = weights @ np.exp(rows)
+    total = float(mixed.sum())
+    if not total > 0.0:
+        raise LvrError("no piece is possible under the combined distribution")
     with np.errstate(divide="ignore"):
-        mixed = safe_top + np.log(np.sum(np.exp(terms - safe_top), axis=0))
-    return log_normalise(np.where(np.isfinite(top), mixed, -np.inf))
+        out = np.log(mixed / total)
+    _repair_underflow(out, rows, np.log(weights) - np.log(total))
+    return out
+
+
+def _repair_underflow(out: np.ndarray, rows: np.ndarray, log_scale: np.ndarray) -> None:
+    """Pieces whose every probability underflowed exp (below ~1e-308) but is not zero:
+    their log-mixture, computed in log space."""
+    zero = np.flatnonzero(out == -np.inf)
+    if len(zero) == 0:
+        return
+    terms = rows[:, zero] + log_scale[:, None]
+    top = np.max(terms, axis=0)
+    lost = np.isfinite(top)
+    if lost.any():
+        top, terms = top[lost], terms[:, lost]
+        out[zero[lost]] = top + np.log(np.sum(np.exp(terms - top), axis=0))
 
 
 def _product(logq: np.ndarray, w: np.ndarray) -> np.ndarray:

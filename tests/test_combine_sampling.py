@@ -25,6 +25,19 @@ def test_mean_is_the_weighted_mixture() -> None:
     # A model with itself at any weights is that model.
     same = logs([0.2, 0.3, 0.5], [0.2, 0.3, 0.5])
     assert np.allclose(np.exp(combine(same, [0.5, 0.5], "mean")), [0.2, 0.3, 0.5])
+    # One model (or one with weight): its own row. An all -inf row is an error.
+    assert np.array_equal(combine(same, [1, 0], "mean"), same[0])
+    with pytest.raises(LvrError, match="no piece is possible"):
+        combine(logs([0.0, 0.0]), [1], "mean")
+
+
+def test_mean_keeps_probabilities_below_float64_exp() -> None:
+    # exp(-800) underflows to 0, yet the piece is possible: it keeps its log-probability.
+    q = np.array([[0.0, -800.0, NEG], [0.0, -900.0, NEG]])
+    out = combine(q, [1, 1], "mean")
+    assert out[0] == pytest.approx(0.0, abs=1e-12)
+    assert out[1] == pytest.approx(-800.0 + np.log(0.5), abs=1e-9)
+    assert out[2] == NEG
 
 
 def test_product_vetoes_and_negative_weights_stay_finite() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from brute_force import brute_force_log_q
 
+import lvr_local.ensemble as ensemble_module
 from lvr_local.chat import Message
 from lvr_local.config import Defaults, ModelSpec
 from lvr_local.ensemble import Ensemble, Member, load_member
@@ -170,3 +171,32 @@ def test_byte_level_ensemble_beats_both_models_and_naive_is_worse(
         + ", ".join(f"{k} {v['bits_per_byte']:.4f}" for k, v in result["models"].items())
         + f", ensemble {ensemble_bpb:.4f}, naive {naive_result['ensemble']['bits_per_byte']:.4f}"
     )
+
+
+@pytest.mark.parametrize(("cores", "threads", "at_once"), [(4, 2, True), (1, 1, False)])
+def test_members_share_the_cores(
+    smol: Member,
+    gemma: Member,
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    threads: int,
+    at_once: bool,
+) -> None:
+    real_cores = ensemble_module.physical_cores()
+    monkeypatch.setattr(ensemble_module, "physical_cores", lambda: cores)
+    ensemble = Ensemble([smol, gemma])
+    try:
+        ensemble.start_raw(b"The sea is")
+        assert [m.backend.n_threads for m in (smol, gemma)] == [threads, threads]
+        assert ensemble.concurrent is at_once
+        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=3))
+        assert len(events) == 3 and all(len(e.member_logprobs) == 2 for e in events)
+        # A model alone gets every core, in turn with nobody.
+        gemma.enabled = False
+        ensemble.start_raw(b"The sea is")
+        assert smol.backend.n_threads == cores and not ensemble.concurrent
+    finally:
+        gemma.enabled = True
+        ensemble.close()
+        for member in (smol, gemma):  # the module's other tests use them directly
+            member.backend.set_threads(real_cores)
