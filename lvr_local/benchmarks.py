@@ -144,6 +144,7 @@ class PlainGreedy:
     def __init__(self, path: Path, prompt: list[int], threads: int) -> None:
         from llama_cpp import Llama
 
+        self.path = path
         self.model = Llama(
             str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
         )
@@ -293,11 +294,20 @@ def backend(n_tokens: int = 256) -> None:
 # ----- ensemble: `lvr bench` ------------------------------------------------------------
 
 
-class EnsembleRun:
-    """An ensemble of the bundled pair generating greedily from BACKEND_PROMPT.
-    threads=None and concurrent=None: what `lvr generate` does (ensemble.py decides)."""
+BUNDLED = (("smollm2", SMOLLM2), ("gemma3", GEMMA3))
 
-    def __init__(self, sub_vocab: str, threads: int | None, concurrent: bool | None) -> None:
+
+class EnsembleRun:
+    """An ensemble (by default of the bundled pair) generating greedily from
+    BACKEND_PROMPT. threads=None and concurrent=None: what `lvr generate` does."""
+
+    def __init__(
+        self,
+        sub_vocab: str,
+        threads: int | None,
+        concurrent: bool | None,
+        models: Sequence[tuple[str, str]] = BUNDLED,
+    ) -> None:
         from lvr_local.config import Defaults, ModelSpec
         from lvr_local.ensemble import Ensemble, load_member
 
@@ -305,7 +315,7 @@ class EnsembleRun:
             load_member(
                 ModelSpec(name=name, source=source, n_ctx=2048), Defaults(), n_threads=threads
             )
-            for name, source in (("smollm2", SMOLLM2), ("gemma3", GEMMA3))
+            for name, source in models
         ]
         self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
         self.ensemble.start_raw(BACKEND_PROMPT + b" ")
@@ -340,7 +350,7 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
     from lvr_local.backend import LlamaBackend, physical_cores
 
     threads = physical_cores()
-    paths = {name: resolve_source(src) for name, src in (("smollm2", SMOLLM2), ("gemma3", GEMMA3))}
+    paths = {name: resolve_source(src) for name, src in BUNDLED}
     runs: dict[str, object] = {}
     for name, path in paths.items():
         with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
@@ -348,6 +358,8 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
         runs[f"native {name}"] = PlainGreedy(path, prompt, threads)
         if threads > 1:  # how the model scales over threads decides how to share cores
             runs[f"native {name}, 1 thread"] = PlainGreedy(path, prompt, 1)
+    for name, source in BUNDLED:  # each model alone through the engine
+        runs[f"reduced {name}"] = EnsembleRun("mcv", None, None, models=[(name, source)])
     runs["ensemble mcv"] = EnsembleRun("mcv", None, None)
     runs["ensemble mcv, in turn"] = EnsembleRun("mcv", threads, concurrent=False)
     runs["ensemble bytes"] = EnsembleRun("bytes", None, None)
@@ -372,6 +384,21 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
             name: round(len(times[key]) / float(np.sum(times[key])), 1)
             for name in paths
             if (key := f"native {name}, 1 thread") in times
+        },
+        "native_bytes_per_s": {
+            name: round(
+                _plain_bytes(runs[f"native {name}"]) / float(np.sum(times[f"native {name}"])), 1
+            )
+            for name in paths
+        },
+        "reduced_single_model": {
+            name: {
+                "pieces_per_s": round(n_steps / float(np.sum(times[f"reduced {name}"])), 1),
+                "bytes_per_s": round(
+                    runs[f"reduced {name}"].n_bytes / float(np.sum(times[f"reduced {name}"])), 1
+                ),
+            }
+            for name in paths
         },
         "ideal_sequential_pieces_per_s": round(ideal, 1),
         "ensembles": {},
@@ -405,6 +432,13 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
     return report
 
 
+def _plain_bytes(run: object) -> int:
+    """Bytes spelled by a PlainGreedy run's tokens (control and END tokens spell none)."""
+    assert isinstance(run, PlainGreedy)
+    vocab = load_vocabulary(run.path)
+    return sum(len(vocab.token_bytes(t) or b"") for t in run.tokens)
+
+
 def print_ensemble_report(report: dict[str, object]) -> None:
     native = report["native_tokens_per_s"]
     print(f"{report['steps']} greedy steps each, side by side, n_threads={report['threads']}")
@@ -412,7 +446,14 @@ def print_ensemble_report(report: dict[str, object]) -> None:
     for name, rate in native.items():  # type: ignore[union-attr]
         alone = one_thread.get(name)  # type: ignore[union-attr]
         with_one = f" ({alone} with 1 thread)" if alone else ""
-        print(f"  native {name:<10} {rate:8.1f} tokens/s{with_one}")
+        native_bytes = report["native_bytes_per_s"][name]  # type: ignore[index]
+        print(f"  native {name:<10} {rate:8.1f} tokens/s {native_bytes:6.1f} bytes/s{with_one}")
+    for name, r in report["reduced_single_model"].items():  # type: ignore[union-attr]
+        ratio = r["pieces_per_s"] / native[name]  # type: ignore[index]
+        print(
+            f"  reduced {name:<9} {r['pieces_per_s']:8.1f} pieces/s {r['bytes_per_s']:6.1f} bytes/s"
+            f"  (alone over the MCV; pieces/s vs native tokens/s {ratio:.3f})"
+        )
     print(
         f"  ideal sequential ensemble 1/(t_A + t_B): {report['ideal_sequential_pieces_per_s']} "
         "pieces/s"

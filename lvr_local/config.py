@@ -77,7 +77,11 @@ _Check = tuple[tuple[type, ...], str, Any]
 _DEFAULT_KEYS: dict[str, _Check] = {
     "n_ctx": ((int,), "an integer >= 16", lambda v: v >= 16),
     "n_gpu_layers": ((int,), "an integer >= -1 (-1 = all layers)", lambda v: v >= -1),
-    "n_threads": ((int,), "an integer >= 0 (0 = the cores shared among the models)", lambda v: v >= 0),
+    "n_threads": (
+        (int,),
+        "an integer >= 0 (0 = the cores shared among the models)",
+        lambda v: v >= 0,
+    ),
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "combine": ((str,), "one of " + ", ".join(COMBINE_RULES), lambda v: v in COMBINE_RULES),
     "prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),

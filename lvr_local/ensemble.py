@@ -196,7 +196,7 @@ class Ensemble:
         in turn with all of them. At once needs a core per thread: llama.cpp's threads
         spin while they wait, so oversubscribed cores slow every decode down. Members
         without a configured thread count get an equal share of the cores. On 2 cores
-        one thread each at once beats two each in turn by 1.28x: tiny models scale
+        one thread each at once beats two each in turn by 1.26x: tiny models scale
         poorly over threads (`lvr bench`)."""
         live = [m for m, ok in zip(self.members, self._live, strict=True) if ok]
         cores = physical_cores()

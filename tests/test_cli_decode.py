@@ -136,6 +136,8 @@ def test_bench_json_reports_every_run() -> None:
     assert code == 0, out
     report = json.loads(out[out.index("{") :])
     assert set(report["native_tokens_per_s"]) == {"smollm2", "gemma3"}
+    assert set(report["reduced_single_model"]) == {"smollm2", "gemma3"}
+    assert all(r["bytes_per_s"] > 0 for r in report["reduced_single_model"].values())
     runs = report["ensembles"]
     assert set(runs) == {"ensemble mcv", "ensemble mcv, in turn", "ensemble bytes"}
     assert runs["ensemble mcv, in turn"]["concurrent"] is False
