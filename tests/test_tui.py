@@ -201,6 +201,12 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         await pilot.press("ctrl+s")
         settings = app.screen
         assert isinstance(settings, SettingsScreen)
+        settings.query_one("#prune", Input).value = "2"
+        settings.query_one("#apply", Button).press()
+        await pilot.pause(0.1)
+        assert app.screen is settings
+        assert any("prune" in str(n.message) for n in app._notifications)
+        settings.query_one("#prune", Input).value = "1e-4"
         settings.query_one("#sub_vocab", Input).value = "nonsense"
         settings.query_one("#apply", Button).press()
         await pilot.pause(0.1)
@@ -209,10 +215,14 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         settings.query_one("#sub_vocab", Input).value = "bytes"
         settings.query_one("#rule", Select).value = "product"
         settings.query_one("#max_pieces", Input).value = "3"
+        settings.query_one("#min_p", Input).value = "0.05"
+        settings.query_one("#prune", Input).value = "1e-3"
         settings.query_one("#apply", Button).press()  # a toast may cover it: no click
         await wait_until(pilot, lambda: "rule product" in app.sub_title)
         assert app.sub_title.startswith("bytes")
-        assert app.settings.max_pieces == 3
+        assert app.settings.max_pieces == 3 and app.settings.min_p == 0.05
+        assert app.session is not None and app.session.ensemble is not None
+        assert app.session.ensemble.options.prune == 1e-3
         reply = await send(pilot, app, "Hi")
         assert 1 <= len(reply.events) <= 3
 

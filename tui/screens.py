@@ -431,6 +431,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                 yield from _field("temperature", "temperature", f"{s.temperature:g}", "0 = greedy")
                 yield from _field("top-p", "top_p", f"{s.top_p:g}", "(0, 1]")
                 yield from _field("top-k", "top_k", str(s.top_k), "0 = off")
+                yield from _field("min-p", "min_p", f"{s.min_p:g}", "[0, 1), 0 = off")
+                yield from _field("prune", "prune", f"{s.prune:g}", "branch share, [0, 1)")
                 yield from _field("max length", "max_pieces", str(s.max_pieces), "pieces")
                 yield from _field(
                     "seed", "seed", "" if s.seed is None else str(s.seed), "empty = random"
@@ -451,6 +453,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
             ("temperature", float),
             ("top_p", float),
             ("top_k", int),
+            ("min_p", float),
+            ("prune", float),
             ("max_pieces", int),
         ):
             try:

@@ -16,7 +16,7 @@ from lvr_local.chat import Message
 from lvr_local.config import Config, Defaults, with_overrides
 from lvr_local.ensemble import Ensemble, Member, PieceEvent, RunStats, load_member
 from lvr_local.errors import LvrError
-from lvr_local.reduction import EngineOptions
+from lvr_local.reduction import DEFAULT_PRUNE, EngineOptions
 from lvr_local.sampling import Sampler, SamplingParams
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -31,6 +31,8 @@ class ChatSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    prune: float = DEFAULT_PRUNE
     max_pieces: int = 256
     seed: int | None = None
     system_prompt: str = ""
@@ -43,6 +45,8 @@ class ChatSettings:
             temperature=d.temperature,
             top_p=d.top_p,
             top_k=d.top_k,
+            min_p=d.min_p,
+            prune=d.prune,
             max_pieces=max_pieces or d.max_pieces,
             seed=d.seed,
         )
@@ -56,6 +60,8 @@ class ChatSettings:
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_p=self.min_p,
+            prune=self.prune,
             max_pieces=self.max_pieces,
             seed=self.seed,
         )
@@ -113,7 +119,7 @@ class EnsembleSession:
         self.members: list[Member] = []
         self.ensemble: Ensemble | None = None
         self.lock = threading.Lock()
-        self._built_with: tuple[str, str] | None = None
+        self._built_with: tuple[str, str, float] | None = None
         self._t0 = time.perf_counter()
         self._baseline: list[tuple[int, int]] = []  # counters when the generation began
 
@@ -134,17 +140,17 @@ class EnsembleSession:
         progress("ready", total, total)
 
     def needs_build(self, settings: ChatSettings) -> bool:
-        return self._built_with != (settings.rule, settings.sub_vocab)
+        return self._built_with != (settings.rule, settings.sub_vocab, settings.prune)
 
     def build(self, settings: ChatSettings) -> None:
         new = Ensemble(
             self.members,
             sub_vocab=settings.sub_vocab,
             rule=settings.rule,
-            options=EngineOptions(prune=self.config.defaults.prune),
+            options=EngineOptions(prune=settings.prune),
         )
         old, self.ensemble = self.ensemble, new
-        self._built_with = (settings.rule, settings.sub_vocab)
+        self._built_with = (settings.rule, settings.sub_vocab, settings.prune)
         if old is not None:
             old.close()
 
@@ -185,7 +191,7 @@ class EnsembleSession:
                 settings.temperature,
                 settings.top_k,
                 settings.top_p,
-                self.config.defaults.min_p,
+                settings.min_p,
                 settings.seed,
             )
         )
