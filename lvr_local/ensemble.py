@@ -177,13 +177,14 @@ class Ensemble:
         self._phase_sub = self._byte_sub if byte_phase else self.sub
         tables = self._byte_level_tables() if byte_phase else self.tables
         self._states = [None] * len(self.members)
-        self._set_auto_threads(physical_cores())  # prompts: one after the other, all cores
+        # Prompts and their forced tails: one model after the other, each on all cores.
+        self._set_auto_threads(physical_cores())
         for i, prompt in prompts.items():
             self.members[i].backend.set_prompt(prompt.tokens)
             self._states[i] = self._new_state(self.members[i], tables[i])
-        self._share_cores()
         for i, prompt in prompts.items():
             self._force_tail(self.members[i], self._states[i], prompt.tail)
+        self._share_cores()
         self._maybe_leave_byte_phase()
 
     def _set_auto_threads(self, n_threads: int) -> None:
