@@ -177,8 +177,14 @@ def run_record(ensemble: Ensemble, text: bytes, stats: RunStats) -> dict[str, An
         "stop_reason": stats.stop_reason,
         "sub_vocab": ensemble.sub.describe(),
         "combine": ensemble.rule,
+        "models_at_once": ensemble.concurrent,
         "models": [
-            {"name": m.name, "weight": m.weight, **vars(m.backend.counters)}
+            {
+                "name": m.name,
+                "weight": m.weight,
+                "n_threads": m.backend.n_threads,
+                **vars(m.backend.counters),
+            }
             for m in ensemble.members
         ],
     }

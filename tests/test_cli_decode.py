@@ -27,7 +27,8 @@ def test_generate_json_record() -> None:
     assert record["pieces"] <= 6 and record["stop_reason"] in ("end", "max_pieces")
     assert record["sub_vocab"].startswith("mcv") and record["combine"] == "mean"
     assert [m["name"] for m in record["models"]] == ["smollm2-135m", "gemma3-270m"]
-    assert all(m["forward_passes"] > 0 for m in record["models"])
+    assert all(m["forward_passes"] > 0 and m["n_threads"] >= 1 for m in record["models"])
+    assert isinstance(record["models_at_once"], bool)
 
 
 def test_generate_raw_single_model_streams_text(smollm2_path: Path) -> None:
