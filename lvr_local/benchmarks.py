@@ -320,19 +320,20 @@ class EnsembleRun:
         self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
         self.ensemble.start_raw(BACKEND_PROMPT + b" ")
         self.n_bytes = 0
-        self._start = (0, 0)
-        self._start = self.work()  # the prompt's work is not the generation's
+        self._after_prompt = self._work_so_far()  # the prompt's work is not the generation's
 
     def step(self) -> None:
         self.n_bytes += len(self.ensemble.step(greedy_without_end).text)
 
+    def _work_so_far(self) -> tuple[int, int]:
+        counters = [m.backend.counters for m in self.members]
+        return sum(c.forward_passes for c in counters), sum(c.tokens_evaluated for c in counters)
+
     def work(self) -> tuple[int, int]:
         """(llama_decode calls, rows evaluated) since the prompt, over all members: on a
         CPU a batch costs about one forward pass per row."""
-        counters = [m.backend.counters for m in self.members]
-        calls = sum(c.forward_passes for c in counters)
-        rows = sum(c.tokens_evaluated for c in counters)
-        return calls - self._start[0], rows - self._start[1]
+        calls, rows = self._work_so_far()
+        return calls - self._after_prompt[0], rows - self._after_prompt[1]
 
     def close(self) -> None:
         self.ensemble.close()
@@ -374,28 +375,28 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
                 times[label].append(time.perf_counter() - start)
     # Rates from total time (throughput): byte-level steps are bimodal (a forward pass or
     # none), so a median step would misstate them.
-    t_native = {name: float(np.mean(times[f"native {name}"])) for name in paths}
+    total = {label: float(np.sum(t)) for label, t in times.items()}
+    t_native = {name: total[f"native {name}"] / n_steps for name in paths}
     ideal = 1.0 / sum(t_native.values())
     report: dict[str, object] = {
         "steps": n_steps,
         "threads": threads,
         "native_tokens_per_s": {k: round(1.0 / v, 1) for k, v in t_native.items()},
         "native_one_thread_tokens_per_s": {
-            name: round(len(times[key]) / float(np.sum(times[key])), 1)
+            name: round(n_steps / total[key], 1)
             for name in paths
-            if (key := f"native {name}, 1 thread") in times
+            if (key := f"native {name}, 1 thread") in total
         },
         "native_bytes_per_s": {
-            name: round(
-                _plain_bytes(runs[f"native {name}"]) / float(np.sum(times[f"native {name}"])), 1
-            )
+            name: round(_plain_bytes(runs[f"native {name}"]) / total[f"native {name}"], 1)
             for name in paths
         },
         "reduced_single_model": {
             name: {
-                "pieces_per_s": round(n_steps / float(np.sum(times[f"reduced {name}"])), 1),
+                "pieces_per_s": round(n_steps / total[f"reduced {name}"], 1),
                 "bytes_per_s": round(
-                    runs[f"reduced {name}"].n_bytes / float(np.sum(times[f"reduced {name}"])), 1
+                    runs[f"reduced {name}"].n_bytes / total[f"reduced {name}"],  # type: ignore[attr-defined]
+                    1,
                 ),
             }
             for name in paths
@@ -408,20 +409,20 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
             continue
         run = runs[label]
         assert isinstance(run, EnsembleRun)
-        total = float(np.sum(times[label]))
-        rate = n_steps / total
+        rate = n_steps / total[label]
+        calls, rows = run.work()
         report["ensembles"][label] = {  # type: ignore[index]
             "threads": [m.backend.n_threads for m in run.members],
             "concurrent": run.ensemble.concurrent,
             "pieces_per_s": round(rate, 1),
-            "bytes_per_s": round(run.n_bytes / total, 1),
+            "bytes_per_s": round(run.n_bytes / total[label], 1),
             "ratio_to_ideal": round(rate / ideal, 3),
-            "forward_passes_per_piece": round(run.work()[0] / n_steps, 2),
-            "rows_per_piece": round(run.work()[1] / n_steps, 2),
+            "forward_passes_per_piece": round(calls / n_steps, 2),
+            "rows_per_piece": round(rows / n_steps, 2),
         }
     for run in runs.values():
         run.close()  # type: ignore[attr-defined]
-    in_turn = float(np.mean(times["ensemble mcv, in turn"]))  # same threads as native
+    in_turn = total["ensemble mcv, in turn"] / n_steps  # same threads as native
     report["engine_overhead_ms_per_piece"] = round(1e3 * (in_turn - sum(t_native.values())), 2)
     ens = report["ensembles"]
     report["bytes_vs_mcv_bytes_per_s"] = round(
@@ -501,7 +502,7 @@ def prune(n_bytes: int = 600) -> None:
     print(
         f"{len(text)} bytes of {ENGLISH.name}, one model over bytes, n_threads={physical_cores()}"
     )
-    for name, source in (("smollm2", SMOLLM2), ("gemma3", GEMMA3)):
+    for name, source in BUNDLED:
         member = load_member(ModelSpec(name=name, source=source, n_ctx=2048), Defaults())
         for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
             ensemble = Ensemble([member], sub_vocab="bytes", options=EngineOptions(threshold))

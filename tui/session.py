@@ -22,6 +22,19 @@ from lvr_local.sampling import Sampler, SamplingParams
 ProgressCallback = Callable[[str, int, int], None]
 
 
+# The settings that are also models.toml defaults, with their names there.
+_DEFAULTS_NAMES = {
+    "rule": "combine",
+    "sub_vocab": "sub_vocab",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "prune": "prune",
+    "seed": "seed",
+}
+
+
 @dataclass(frozen=True)
 class ChatSettings:
     """What the settings modal edits; validated by the config module's own rules."""
@@ -39,32 +52,13 @@ class ChatSettings:
 
     @classmethod
     def from_defaults(cls, d: Defaults, max_pieces: int | None = None) -> ChatSettings:
-        return cls(
-            rule=d.combine,
-            sub_vocab=d.sub_vocab,
-            temperature=d.temperature,
-            top_p=d.top_p,
-            top_k=d.top_k,
-            min_p=d.min_p,
-            prune=d.prune,
-            max_pieces=max_pieces or d.max_pieces,
-            seed=d.seed,
-        )
+        values = {mine: getattr(d, theirs) for mine, theirs in _DEFAULTS_NAMES.items()}
+        return cls(**values, max_pieces=max_pieces or d.max_pieces)
 
     def checked(self, defaults: Defaults) -> Defaults:
         """The run settings these make, or a ConfigError naming the bad value."""
-        return with_overrides(
-            defaults,
-            combine=self.rule,
-            sub_vocab=self.sub_vocab,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            prune=self.prune,
-            max_pieces=self.max_pieces,
-            seed=self.seed,
-        )
+        overrides = {theirs: getattr(self, mine) for mine, theirs in _DEFAULTS_NAMES.items()}
+        return with_overrides(defaults, **overrides, max_pieces=self.max_pieces)
 
     def as_record(self) -> dict[str, object]:
         return asdict(self)
