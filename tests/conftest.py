@@ -31,6 +31,17 @@ SDIST_VOCABS = (
 )
 
 
+# Fixtures that bring a real model file (or download test data): a test that asks for
+# one is `slow`, whatever its module says, so `pytest -m "not slow"` stays fast.
+SLOW_FIXTURES = {"bundled_paths", "smollm2_path", "gemma_path", "sdist_vocab_dir", "real_vocabs"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("lvr-shared-home")
@@ -53,7 +64,7 @@ def isolated_home(tmp_path: Path, shared_home: Path, monkeypatch: pytest.MonkeyP
 @pytest.fixture(scope="session")
 def bundled_paths(shared_home: Path) -> dict[str, Path]:
     """The two bundled models, resolved (and Gemma assembled) once per session."""
-    from lvr_local.sources import resolve_source
+    from lvr_local.runner.sources import resolve_source
 
     old = os.environ.get("LVR_HOME")
     os.environ["LVR_HOME"] = str(shared_home)

@@ -12,8 +12,8 @@ from functools import cache
 
 import numpy as np
 
-from lvr_local.lm import TokenPrefix
-from lvr_local.vocabulary import Vocabulary
+from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.vocabulary import Vocabulary
 
 END = -1  # how brute-force piece lists spell END (engine ids are tables.sub.end_id)
 
@@ -85,9 +85,9 @@ class SyntheticLM:
 # Brute force
 
 
-def text_prob(lm: SyntheticLM, text: bytes, ended: bool = False) -> float:
+def text_prob(lm: SyntheticLM, text: bytes, ended: bool = False, start: TokenPrefix = ()) -> float:
     """P(the generated text starts with `text`), summed over all tokenizations; with
-    `ended`, P(the text is exactly `text`, then END)."""
+    `ended`, P(the text is exactly `text`, then END). Generation follows `start`."""
     vocab = lm.vocab
 
     def rest_prob(prefix: TokenPrefix, pos: int) -> float:
@@ -107,7 +107,7 @@ def text_prob(lm: SyntheticLM, text: bytes, ended: bool = False) -> float:
                 total += p[v]
         return total
 
-    return rest_prob((), 0)
+    return rest_prob(tuple(start), 0)
 
 
 def greedy_split(
@@ -126,9 +126,12 @@ def greedy_split(
     return out
 
 
-def cover_prob(lm: SyntheticLM, pieces: set[bytes], u: Sequence[bytes | int]) -> float:
-    """Q(u) by brute force: the sum of P(w) over the relative cover of u (ALGORITHM.md §2).
-    `u` lists piece bytes, with END for the end piece."""
+def cover_prob(
+    lm: SyntheticLM, pieces: set[bytes], u: Sequence[bytes | int], start: TokenPrefix = ()
+) -> float:
+    """Q(u) by brute force: the sum of P(w) over the relative cover of u
+    (docs/algorithm.md §2), for a generation that follows `start`. `u` lists piece
+    bytes, with END for the end piece."""
     vocab = lm.vocab
     split = [
         [END] if vocab.is_end[v] else greedy_split(vocab.token_bytes(v) or b"", pieces)
@@ -150,7 +153,7 @@ def cover_prob(lm: SyntheticLM, pieces: set[bytes], u: Sequence[bytes | int]) ->
                 total += p[v] * rest_prob((*prefix, v), j + len(d))
         return total
 
-    return 1.0 if not target else rest_prob((), 0)
+    return 1.0 if not target else rest_prob(tuple(start), 0)
 
 
 def greedy_token_text(lm: SyntheticLM, max_bytes: int) -> tuple[bytes, bool]:
@@ -164,3 +167,24 @@ def greedy_token_text(lm: SyntheticLM, max_bytes: int) -> tuple[bytes, bool]:
         text += lm.vocab.token_bytes(v) or b""
         prefix = (*prefix, v)
     return text, False
+
+
+def exact_paths(
+    lm: SyntheticLM, text: bytes, start: TokenPrefix = ()
+) -> list[tuple[TokenPrefix, float]]:
+    """Every token path after `start` that spells exactly `text`, with its probability."""
+    vocab = lm.vocab
+    found: list[tuple[TokenPrefix, float]] = []
+
+    def walk(prefix: TokenPrefix, pos: int, p_path: float) -> None:
+        if pos == len(text):
+            found.append((prefix, p_path))
+            return
+        p = lm.probs(prefix)
+        for v in range(vocab.n_tokens):
+            b = vocab.token_bytes(v)
+            if b and p[v] > 0 and text.startswith(b, pos):
+                walk((*prefix, v), pos + len(b), p_path * p[v])
+
+    walk(tuple(start), 0, 1.0)
+    return found

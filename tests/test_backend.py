@@ -11,10 +11,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from lvr_local import prefix_cache
-from lvr_local.backend import LlamaBackend
 from lvr_local.errors import LvrError, ModelFileError
-from lvr_local.native import LlamaBatch, LlamaContext, LlamaModel
+from lvr_local.llama import prefix_cache
+from lvr_local.llama.backend import LlamaBackend
+from lvr_local.llama.native import LlamaBatch, LlamaContext, LlamaModel
 
 pytestmark = pytest.mark.slow
 
@@ -327,14 +327,14 @@ def test_tokenize_grows_its_buffer(smollm2_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="not found"):
-        LlamaBackend(tmp_path / "nope.gguf")
+        LlamaBackend(tmp_path / "nope.gguf", n_ctx=512)
 
 
 def test_not_a_gguf_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"<html>not a model</html>")
     with pytest.raises(ModelFileError, match="not a GGUF file"):
-        LlamaBackend(bad)
+        LlamaBackend(bad, n_ctx=512)
 
 
 def test_truncated_gguf_file(tmp_path: Path, smollm2_path: Path) -> None:
@@ -342,7 +342,7 @@ def test_truncated_gguf_file(tmp_path: Path, smollm2_path: Path) -> None:
     with smollm2_path.open("rb") as f:
         cut.write_bytes(f.read(1 << 20))
     with pytest.raises(ModelFileError, match="could not load") as err:
-        LlamaBackend(cut)
+        LlamaBackend(cut, n_ctx=512)
     assert str(cut) in str(err.value)
 
 
@@ -350,7 +350,7 @@ def test_gpu_layers_on_a_cpu_build_say_how_to_rebuild(smollm2_path: Path) -> Non
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python build can offload to a GPU")
     with pytest.raises(LvrError, match=r'CMAKE_ARGS="-DGGML_CUDA=on" pip install'):
-        LlamaBackend(smollm2_path, n_gpu_layers=-1)
+        LlamaBackend(smollm2_path, n_ctx=512, n_gpu_layers=-1)
 
 
 def test_misuse_is_a_clear_error(smollm2_path: Path) -> None:
@@ -372,6 +372,6 @@ def test_misuse_is_a_clear_error(smollm2_path: Path) -> None:
     with pytest.raises(LvrError, match="closed"):
         backend.set_prompt([1])
     with pytest.raises(LvrError, match="n_seq_max"):
-        LlamaBackend(smollm2_path, n_seq_max=0)
+        LlamaBackend(smollm2_path, n_ctx=512, n_seq_max=0)
     with pytest.raises(LvrError, match=r"n_batch \(32\) must be at least n_seq_max \(64\)"):
-        LlamaBackend(smollm2_path, n_seq_max=64, n_batch=32)
+        LlamaBackend(smollm2_path, n_ctx=512, n_seq_max=64, n_batch=32)

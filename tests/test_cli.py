@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from lvr_local.cli import cli
@@ -15,6 +16,7 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_models_lists_the_bundled_pair(isolated_home: Path) -> None:
     code, out = run("models", "--json")
     assert code == 0, out
@@ -54,6 +56,7 @@ def test_vocab_verify(smollm2_path: Path) -> None:
     assert json.loads(out)["verify"]["mismatches"] == 0
 
 
+@pytest.mark.slow
 def test_common_on_the_bundled_pair() -> None:
     code, out = run("common", "smollm2-135m", "gemma3-270m", "--json")
     assert code == 0, out

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from lvr_local.cli import cli
+
+pytestmark = pytest.mark.slow  # every test here loads a real model
 
 
 def run(*args: str, input: str | None = None) -> tuple[int, str]:
@@ -136,8 +139,8 @@ def test_bench_json_reports_every_run() -> None:
     code, out = run("bench", "--steps", "8", "--json")
     assert code == 0, out
     report = json.loads(out[out.index("{") :])
-    assert set(report["native_tokens_per_s"]) == {"smollm2", "gemma3"}
-    assert set(report["reduced_single_model"]) == {"smollm2", "gemma3"}
+    assert set(report["native_tokens_per_s"]) == {"smollm2-135m", "gemma3-270m"}
+    assert set(report["reduced_single_model"]) == {"smollm2-135m", "gemma3-270m"}
     assert all(r["bytes_per_s"] > 0 for r in report["reduced_single_model"].values())
     runs = report["ensembles"]
     assert set(runs) == {"ensemble mcv", "ensemble mcv, in turn", "ensemble bytes"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lvr_local.chat import Message, builtin_templates, format_chat
-from lvr_local.combine import combine, dominant_model
+from lvr_local.core.combine import combine, dominant_model
+from lvr_local.core.sampling import Sampler, SamplingParams
 from lvr_local.errors import LvrError
-from lvr_local.sampling import Sampler, SamplingParams
+from lvr_local.llama.chat_template import Message, builtin_templates, format_chat
 
 NEG = -np.inf
 

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from lvr_local.core.subvocab import (
+    byte_level,
+    common,
+    common_report,
+    max_length,
+    parse_spec,
+    used_bytes,
+)
+from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.errors import LvrError
-from lvr_local.subvocab import byte_level, common, common_report, max_length, parse_spec, used_bytes
-from lvr_local.vocabulary import Vocabulary, load_vocabulary
+from lvr_local.llama.vocab_reader import load_vocabulary
 
 
 def test_bundled_pair(smollm2_path: Path, gemma_path: Path) -> None:

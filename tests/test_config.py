@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lvr_local.config import (
-    Defaults,
-    default_config_path,
-    find_config_path,
-    load_config,
-    with_overrides,
-)
 from lvr_local.errors import ConfigError
+from lvr_local.runner.config import default_config_path, find_config_path, load_config
+from lvr_local.runner.settings import RunSettings, with_overrides
 
 GOOD = """
 [defaults]
@@ -56,7 +51,7 @@ def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
     a, b = config.models
     assert config.defaults.n_ctx == 1024 and config.defaults.combine == "product"
-    assert a.n_ctx == 1024 and a.weight == 2.0 and isinstance(a.weight, float)
+    assert a.n_ctx is None and a.weight == 2.0 and isinstance(a.weight, float)  # run setting
     assert b.n_ctx == 512 and b.weight == -0.5 and not b.enabled
     assert b.chat_template == "chatml"
     assert config.enabled_models == (a,)
@@ -69,9 +64,9 @@ def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
     [
         ("[defaults\nn_ctx = 1", "invalid TOML"),
         ("[defaults]\nn_ctxx = 1", "unknown key 'n_ctxx'"),
-        ("[defaults]\nn_ctx = 'big'", "'n_ctx' must be an integer >= 16, got 'big'"),
-        ("[defaults]\nn_ctx = 8", "'n_ctx' must be an integer >= 16"),
-        ("[defaults]\ncombine = 'median'", "'combine' must be one of mean, product, max, naive"),
+        ("[defaults]\nn_ctx = 'big'", "'n_ctx' must be an integer from 16 to 1048576, got 'big'"),
+        ("[defaults]\nn_ctx = 8", "'n_ctx' must be an integer from 16 to"),
+        ("[defaults]\ncombine = 'median'", "'combine' must be one of mean, product, max"),
         ("[defaults]\nsub_vocab = 'maxlen:x'", "'sub_vocab' must be one of mcv, bytes, maxlen:K"),
         ("[defaults]\ntop_p = 0", "'top_p' must be a number in (0, 1]"),
         ("[defaults]\nn_threads = true", "'n_threads' must be an integer"),
@@ -79,7 +74,10 @@ def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
         ("model = 3", "[[model]] tables"),
         ("[[model]]\nsource = 'x.gguf'", "[[model]] #1: missing key 'name'"),
         ("[[model]]\nname = 'x'", "[[model]] #1: missing key 'source'"),
-        ("[[model]]\nname = 'x'\nsource = 'x.gguf'\nweight = 'heavy'", "'weight' must be a number"),
+        (
+            "[[model]]\nname = 'x'\nsource = 'x.gguf'\nweight = 'heavy'",
+            "'weight' must be a finite number",
+        ),
         (
             "[[model]]\nname = 'x'\nsource = 'x.gguf'\nenabled = 1",
             "'enabled' must be true or false",
@@ -129,7 +127,23 @@ def test_precedence_flag_env_user_dir_shipped(
 
 
 def test_overrides_are_checked() -> None:
-    d = with_overrides(Defaults(), temperature=0.7, top_k=None, combine="max")
+    d = with_overrides(RunSettings(), temperature=0.7, top_k=None, combine="max")
     assert (d.temperature, d.top_k, d.combine) == (0.7, 0, "max")
     with pytest.raises(ConfigError, match="'combine' must be one of"):
-        with_overrides(Defaults(), combine="median")
+        with_overrides(RunSettings(), combine="median")
+    with pytest.raises(ConfigError, match="'method' must be one of lossless, naive"):
+        with_overrides(RunSettings(), method="median")
+    for bad in ({"temperature": float("nan")}, {"seed": -1}, {"max_bytes": 0}, {"n_ctx": 2**33}):
+        with pytest.raises(ConfigError, match=f"'{next(iter(bad))}' must be"):
+            with_overrides(RunSettings(), **bad)
+
+
+def test_every_setting_has_one_default_and_a_check() -> None:
+    """A default is written once: in RunSettings; the engine's come from its constants."""
+    from lvr_local.core.reduction import DEFAULT_MAX_BRANCHES, DEFAULT_PRUNE, EngineOptions
+
+    s = RunSettings()
+    assert (s.prune, s.max_branches) == (DEFAULT_PRUNE, DEFAULT_MAX_BRANCHES)
+    options = s.engine_options()
+    assert options == EngineOptions(prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES)
+    assert s.budget().max_pieces == s.max_pieces and s.sampling().temperature == s.temperature

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from synthetic_lm import greedy_split, vocab_a, vocab_b
 
-from lvr_local import subvocab
-from lvr_local.decompose import DecompositionTables, build_tables, decomposition_tables
+from lvr_local.core import subvocab
+from lvr_local.core.decompose import DecompositionTables, build_tables, decomposition_tables
+from lvr_local.core.subvocab import SubVocabulary
+from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.errors import LvrError
-from lvr_local.subvocab import SubVocabulary
-from lvr_local.vocabulary import Vocabulary, load_vocabulary
+from lvr_local.llama.vocab_reader import load_vocabulary
 
 
 def synthetic_subs() -> dict[str, SubVocabulary]:

@@ -9,40 +9,47 @@ import numpy as np
 import pytest
 from brute_force import brute_force_log_q
 
-import lvr_local.ensemble as ensemble_module
-from lvr_local.chat import Message
-from lvr_local.config import Defaults, ModelSpec
-from lvr_local.ensemble import Ensemble, Member, load_member
-from lvr_local.prompting import prepare_raw
-from lvr_local.reduction import EngineOptions
-from lvr_local.sampling import Sampler, SamplingParams
-from lvr_local.scoring import score_text
+from lvr_local.core.chat import Message
+from lvr_local.core.reduction import EngineOptions
+from lvr_local.core.sampling import Sampler, SamplingParams
+from lvr_local.decoding.ensemble import Ensemble
+from lvr_local.decoding.generation import Budget, RunStats, generate
+from lvr_local.decoding.members import Member
+from lvr_local.decoding.prompting import prepare_raw
+from lvr_local.decoding.scheduling import CoreScheduler
+from lvr_local.decoding.scoring import score_text
+from lvr_local.llama.backend import LlamaBackend
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.loading import load_member
+from lvr_local.runner.settings import RunSettings
 
-EXACT = EngineOptions(max_nodes=0, prune=1e-12, precision="float64")
+pytestmark = pytest.mark.slow
+EXACT = EngineOptions(max_branches=0, prune=1e-12, precision="float64")
+GREEDY = Sampler(SamplingParams(0.0, 0, 1.0, 0.0, None))
 
 
-def _member(path: Path, name: str, weight: float = 1.0) -> Member:
-    return load_member(
-        ModelSpec(name=name, source=str(path), weight=weight, n_ctx=4096), Defaults()
-    )
+def _member(path: Path, name: str, weight: float = 1.0) -> tuple[Member, LlamaBackend]:
+    return load_member(ModelSpec(name=name, source=str(path), weight=weight), RunSettings())
+
+
+def pieces(ensemble: Ensemble, max_pieces: int, stop: tuple[str, ...] = ()) -> list:
+    """A greedy generation's events."""
+    return list(generate(ensemble, GREEDY.choose, Budget(max_pieces, None, stop), RunStats()))
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path: Path) -> Iterator[Member]:
-    member = _member(smollm2_path, "smollm2")
+    member, backend = _member(smollm2_path, "smollm2")
     yield member
-    member.close()
+    backend.close()
 
 
 @pytest.fixture(scope="module")
 def gemma(gemma_path: Path) -> Iterator[Member]:
-    member = _member(
-        gemma_path,
-        "gemma3",
-    )
+    member, backend = _member(gemma_path, "gemma3")
     member.chat_template = "gemma"
     yield member
-    member.close()
+    backend.close()
 
 
 @pytest.mark.parametrize(
@@ -53,7 +60,9 @@ def test_score_equals_brute_force_sum_over_tokenizations(
     smol: Member, prompt: bytes, mid_token: bool
 ) -> None:
     text = b"t sat" if mid_token else b" sat"
-    ensemble = Ensemble([smol], sub_vocab="bytes", options=EXACT, concurrent=False)
+    ensemble = Ensemble(
+        [smol], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
+    )
     try:
         result = score_text(ensemble, text, prompt)
     finally:
@@ -71,7 +80,9 @@ def test_score_equals_brute_force_sum_over_tokenizations(
 
 
 def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
-    ensemble = Ensemble([gemma], sub_vocab="bytes", options=EXACT, concurrent=False)
+    ensemble = Ensemble(
+        [gemma], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
+    )
     try:
         result = score_text(ensemble, b" cat", b"The")
     finally:
@@ -85,10 +96,10 @@ def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
 
 
 def test_ensemble_of_a_model_with_itself_is_that_model(smollm2_path: Path, smol: Member) -> None:
-    twin = _member(smollm2_path, "twin")
+    twin, twin_backend = _member(smollm2_path, "twin")
     messages = [Message("user", "Name three colours.")]
-    single = Ensemble([smol], options=EXACT, concurrent=False)
-    pair = Ensemble([smol, twin], options=EXACT, concurrent=False)
+    single = Ensemble([smol], options=EXACT, scheduler=CoreScheduler(concurrent=False))
+    pair = Ensemble([smol, twin], options=EXACT, scheduler=CoreScheduler(concurrent=False))
     try:
         pair.set_weights([0.5, 0.5])
         single.start_chat(messages)
@@ -104,7 +115,7 @@ def test_ensemble_of_a_model_with_itself_is_that_model(smollm2_path: Path, smol:
             assert int(np.argmax(combined)) == expected.piece
     finally:
         pair.close()
-        twin.close()
+        twin_backend.close()
 
 
 def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
@@ -112,7 +123,7 @@ def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
     ensemble.set_weights([1.0, 1.0])
     try:
         ensemble.start_chat([Message("user", "Count from one to ten in words.")])
-        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=12))
+        events = pieces(ensemble, 12)
         assert 0 < len(events) <= 12
         for e in events:
             assert len(e.member_probs) == 2 and 0 < e.prob <= 1
@@ -123,10 +134,7 @@ def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
         stop_at = text[: max(1, len(text) // 2)].decode("utf-8", errors="ignore")[-2:]
         if stop_at:
             ensemble.start_chat([Message("user", "Count from one to ten in words.")])
-            cut = b"".join(
-                e.text
-                for e in ensemble.generate(Sampler(SamplingParams()), max_pieces=12, stop=[stop_at])
-            )
+            cut = b"".join(e.text for e in pieces(ensemble, 12, (stop_at,)))
             assert stop_at.encode() not in cut and text.startswith(cut)
     finally:
         ensemble.close()
@@ -136,7 +144,7 @@ def test_raw_prompt_mid_token_continues_the_word(smol: Member, gemma: Member) ->
     ensemble = Ensemble([smol, gemma])
     try:
         ensemble.start_raw(b"def fibo")
-        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=6))
+        events = pieces(ensemble, 6)
         text = b"".join(e.text for e in events)
         assert text.startswith(b"nacci"), text
         assert events[0].byte_level  # the first pieces come from the byte-level phase
@@ -144,7 +152,7 @@ def test_raw_prompt_mid_token_continues_the_word(smol: Member, gemma: Member) ->
         ensemble.close()
 
 
-ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_bytes()
+ENGLISH = (Path(__file__).parents[1] / "lvr_local" / "data" / "english.txt").read_bytes()
 
 
 def test_byte_level_ensemble_beats_both_models_and_naive_is_worse(
@@ -160,7 +168,7 @@ def test_byte_level_ensemble_beats_both_models_and_naive_is_worse(
     best_single = min(r["bits_per_byte"] for r in result["models"].values())
     ensemble_bpb = result["ensemble"]["bits_per_byte"]
     assert ensemble_bpb < best_single
-    naive = Ensemble([smol, gemma], sub_vocab="bytes", rule="naive")
+    naive = Ensemble([smol, gemma], sub_vocab="bytes", method="naive")
     try:
         naive_result = score_text(naive, text)
     finally:
@@ -182,14 +190,13 @@ def test_members_share_the_cores(
     threads: int,
     at_once: bool,
 ) -> None:
-    real_cores = ensemble_module.physical_cores()
-    monkeypatch.setattr(ensemble_module, "physical_cores", lambda: cores)
-    ensemble = Ensemble([smol, gemma])
+    real_cores = [m.backend.n_threads for m in (smol, gemma)]
+    ensemble = Ensemble([smol, gemma], scheduler=CoreScheduler(cores=lambda: cores))
     try:
         ensemble.start_raw(b"The sea is")
         assert [m.backend.n_threads for m in (smol, gemma)] == [threads, threads]
         assert ensemble.concurrent is at_once
-        events = list(ensemble.generate(Sampler(SamplingParams()), max_pieces=3))
+        events = pieces(ensemble, 3)
         assert len(events) == 3 and all(len(e.member_logprobs) == 2 for e in events)
         # A model alone gets every core, in turn with nobody.
         gemma.enabled = False
@@ -198,5 +205,5 @@ def test_members_share_the_cores(
     finally:
         gemma.enabled = True
         ensemble.close()
-        for member in (smol, gemma):  # the module's other tests use them directly
-            member.backend.set_threads(real_cores)
+        for member, n in zip((smol, gemma), real_cores, strict=True):  # others use them too
+            member.backend.set_threads(n)

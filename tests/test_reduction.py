@@ -18,14 +18,14 @@ from synthetic_lm import (
     vocab_b,
 )
 
-from lvr_local import subvocab
-from lvr_local.decompose import DecompositionTables, build_tables
+from lvr_local.core import subvocab
+from lvr_local.core.decompose import DecompositionTables, build_tables
+from lvr_local.core.naive import NaiveState
+from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
+from lvr_local.core.subvocab import ALL_BYTES, SubVocabulary
 from lvr_local.errors import LvrError
-from lvr_local.naive import NaiveState
-from lvr_local.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
-from lvr_local.subvocab import ALL_BYTES, SubVocabulary
 
-EXACT = EngineOptions(max_nodes=0, prune=0.0, precision="float64")
+EXACT = EngineOptions(max_branches=0, prune=0.0, precision="float64")
 SUBS: dict[str, Callable[[], SubVocabulary]] = {
     "bytes": subvocab.byte_level,
     "maxlen2": lambda: subvocab.max_length([vocab_a()], 2),
@@ -41,7 +41,7 @@ def make(sub_name: str, seed: int = 0, **options: object) -> tuple[SyntheticLM, 
     lm = SyntheticLM(vocab, seed=seed)
     tables = build_tables(vocab, SUBS[sub_name]())
     options.setdefault("prune", 0.0)
-    options.setdefault("max_nodes", 0)
+    options.setdefault("max_branches", 0)
     options.setdefault("precision", "float64")
     return lm, ReducedState(lm, tables, EngineOptions(**options))  # type: ignore[arg-type]
 
@@ -245,7 +245,7 @@ def test_pruning_reports_a_bound_on_the_error() -> None:
     pruned_somewhere = False
     for text in sample_texts(lm, 30, np.random.default_rng(9)):
         state = ReducedState(
-            lm, tables, EngineOptions(max_nodes=0, prune=0.05, precision="float64")
+            lm, tables, EngineOptions(max_branches=0, prune=0.05, precision="float64")
         )
         for byte in text:
             state.next_piece_logprobs()
@@ -277,7 +277,7 @@ def test_pruning_keeps_fewer_nodes() -> None:
 @pytest.mark.parametrize("sub_name", ["bytes", "mcv", "own"])
 def test_top_1_follows_the_greedy_token_path(sub_name: str) -> None:
     for seed in range(5):
-        lm, state = make(sub_name, seed, top_k=1)
+        lm, state = make(sub_name, seed, token_top_k=1)
         text, ended = b"", False
         while len(text) < 10:
             logq = state.next_piece_logprobs()
@@ -295,7 +295,7 @@ def test_top_1_follows_the_greedy_token_path(sub_name: str) -> None:
 
 
 def test_top_k_mass_is_reported_as_pruned() -> None:
-    lm, state = make("bytes", seed=2, top_k=3)
+    lm, state = make("bytes", seed=2, token_top_k=3)
     rng = np.random.default_rng(0)
     for _ in range(5):
         q = np.exp(state.next_piece_logprobs()[:256])
@@ -331,7 +331,7 @@ def test_a_forced_piece_of_tiny_probability_is_exact_in_log_space() -> None:
         np.float32
     )
     tables = build_tables(lm.vocab, subvocab.byte_level())
-    state = ReducedState(lm, tables, EngineOptions(max_nodes=0, prune=0.0))
+    state = ReducedState(lm, tables, EngineOptions(max_branches=0, prune=0.0))
     assert not np.isnan(state.next_piece_logprobs()).any()
     for byte in b"cab":
         state.advance(byte)
@@ -417,7 +417,7 @@ def test_logits_far_from_zero(precision: str, shift: float) -> None:
     base = lm.logits
     lm.logits = lambda prefix: (base(prefix) + np.float32(shift)).astype(np.float32)
     tables = build_tables(lm.vocab, SUBS["mcv"]())
-    logq = ReducedState(lm, tables, EngineOptions(max_nodes=0, prune=0.0, precision=precision))
+    logq = ReducedState(lm, tables, EngineOptions(max_branches=0, prune=0.0, precision=precision))
     got = logq.next_piece_logprobs()
     sub = tables.sub
     spelled = [*sub.pieces, END]
@@ -438,7 +438,7 @@ def _with_logit(x: np.ndarray, token: int, value: float) -> np.ndarray:
 def test_node_cap_keeps_the_largest_shares_and_counts_what_it_drops() -> None:
     text = b"abab" * 3
     _, exact = make("bytes", seed=4)
-    _, capped = make("bytes", seed=4, max_nodes=2)
+    _, capped = make("bytes", seed=4, max_branches=2)
     for byte in text:
         piece = exact.tables.sub.index[bytes([byte])]
         exact.next_piece_logprobs()

@@ -9,16 +9,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lvr_tui.app import LvrApp
+from lvr_tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
+from lvr_tui.transcript import conversations_dir, read_conversation
+from lvr_tui.widgets import AssistantMessage, AttributionView, ModelCard, PromptBox, UserMessage
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, Markdown, OptionList, Select
 
-from tui.app import LvrApp
-from tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
-from tui.transcript import conversations_dir, read_conversation
-from tui.widgets import AssistantMessage, AttributionView, ModelCard, PromptBox, UserMessage
-
 SIZE = (80, 24)
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def notifications(app: LvrApp) -> list[str]:
+    """Record every notification the app shows (its public `notify`, wrapped)."""
+    seen: list[str] = []
+    shown = app.notify
+
+    def notify(message: str, *args: object, **kwargs: object) -> None:
+        seen.append(str(message))
+        shown(message, *args, **kwargs)  # type: ignore[arg-type]
+
+    app.notify = notify  # type: ignore[method-assign]
+    return seen
 
 
 @pytest.fixture
@@ -56,8 +68,8 @@ async def wait_loaded(pilot: Pilot, app: LvrApp) -> None:
     await wait_until(
         pilot,
         lambda: (
-            app.session is not None
-            and app.session.loaded
+            app.runner is not None
+            and app.runner.loaded
             and not chat(app).busy
             and len(chat(app).query(ModelCard)) == 2
         ),
@@ -166,7 +178,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         screen = chat(app)
-        assert "mcv (" in app.sub_title and "rule mean" in app.sub_title
+        assert "mcv (" in app.sub_title and "lossless mean" in app.sub_title
         for selector in ("Header", "#conversation", "#prompt", "#panel", "Footer"):
             region = screen.query_one(selector).region
             assert region.width > 0 and region.height > 0, selector
@@ -180,7 +192,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     text = svg.replace("&#160;", " ")
     for label in (
         "lvr-local",
-        "rule mean",
+        "lossless mean",
         "smollm2-135m",
         "gemma3-270m",
         "gpt2",
@@ -196,6 +208,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
 
 async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path) -> None:
     app = LvrApp(config_file, max_pieces=4)
+    seen = notifications(app)
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         await pilot.press("ctrl+s")
@@ -205,24 +218,23 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         settings.query_one("#apply", Button).press()
         await pilot.pause(0.1)
         assert app.screen is settings
-        assert any("prune" in str(n.message) for n in app._notifications)
+        assert any("prune" in n for n in seen)
         settings.query_one("#prune", Input).value = "1e-4"
         settings.query_one("#sub_vocab", Input).value = "nonsense"
         settings.query_one("#apply", Button).press()
         await pilot.pause(0.1)
         assert app.screen is settings  # stays open, says why
-        assert any("sub_vocab" in str(n.message) for n in app._notifications)
+        assert any("sub_vocab" in n for n in seen)
         settings.query_one("#sub_vocab", Input).value = "bytes"
-        settings.query_one("#rule", Select).value = "product"
+        settings.query_one("#combine", Select).value = "product"
         settings.query_one("#max_pieces", Input).value = "3"
         settings.query_one("#min_p", Input).value = "0.05"
         settings.query_one("#prune", Input).value = "1e-3"
         settings.query_one("#apply", Button).press()  # a toast may cover it: no click
-        await wait_until(pilot, lambda: "rule product" in app.sub_title)
+        await wait_until(pilot, lambda: "lossless product" in app.sub_title)
         assert app.sub_title.startswith("bytes")
         assert app.settings.max_pieces == 3 and app.settings.min_p == 0.05
-        assert app.session is not None and app.session.ensemble is not None
-        assert app.session.ensemble.options.prune == 1e-3
+        assert app.runner is not None and app.runner.ensemble.options.prune == 1e-3
         reply = await send(pilot, app, "Hi")
         assert 1 <= len(reply.events) <= 3
 
@@ -264,9 +276,10 @@ def test_a_torn_transcript_keeps_the_partial_reply(tmp_path: Path) -> None:
 
 async def test_a_bad_config_is_a_notification_not_a_crash(tmp_path: Path) -> None:
     app = LvrApp(tmp_path / "missing.toml")
+    seen = notifications(app)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause(0.1)
-        assert any("config file not found" in str(n.message) for n in app._notifications)
+        assert any("config file not found" in n for n in seen)
         chat(app).query_one(PromptBox).focus()
         await pilot.press("h", "i", "enter")
-        assert any("no models" in str(n.message) for n in app._notifications)
+        assert any("no models" in n for n in seen)

@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvr_local.core.vocabulary import BYTE
 from lvr_local.errors import ModelFileError, UnsupportedTokenizerError
-from lvr_local.gguf_tokens import gpt2_unicode_to_byte, read_gguf_tokens, verify_vocabulary
-from lvr_local.vocabulary import BYTE, load_vocabulary
+from lvr_local.llama.gguf_tokens import gpt2_unicode_to_byte, read_gguf_tokens, verify_vocabulary
+from lvr_local.llama.vocab_reader import load_vocabulary
+
+pytestmark = pytest.mark.slow  # every test here loads a real model
 
 # vocabulary -> (tokenizer model, EOG tokens written as text, undecodable tokens)
 EXPECTED = {

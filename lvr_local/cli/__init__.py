@@ -1,0 +1,64 @@
+"""The `lvr` command line: one click group; commands only present, the library works.
+
+Every user mistake (bad models.toml, missing or corrupt GGUF, unsupported tokenizer,
+bad flag value) reaches the user as one 'Error: ...' line and exit status 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lvr_local import __version__
+from lvr_local.cli.bench import bench
+from lvr_local.cli.decode import chat, generate, score
+from lvr_local.cli.inspect import common, models, paths, settings, vocab
+from lvr_local.cli.tui import tui
+from lvr_local.errors import LvrError
+from lvr_local.llama.native import set_verbose
+
+
+class LvrGroup(click.Group):
+    """Turns LvrError into click's clean 'Error: ...' exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LvrError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=LvrGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lvr")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="models.toml to use (default: $LVR_CONFIG, the user directory's, or the shipped one).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also print llama.cpp's own log on stderr (it always goes to llama.log in the "
+    "user directory).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """Run several local GGUF models together over their common vocabulary."""
+    ctx.obj = {"config_path": config_path}
+    set_verbose(verbose)
+
+
+for _command in (models, vocab, common, paths, settings, generate, chat, score, bench, tui):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="lvr")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m lvr_local.cli`: the `lvr` command."""
+
+from lvr_local.cli import main
+
+main()

@@ -1,0 +1,210 @@
+"""What the CLI's commands share: the config, MODEL arguments, the decoding options that
+become run settings, the runner's lifetime, and output helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lvr_local.core.combine import RULES
+from lvr_local.core.vocabulary import Vocabulary
+from lvr_local.decoding.ensemble import METHODS
+from lvr_local.errors import LvrError
+from lvr_local.llama.vocab_reader import load_vocabulary
+from lvr_local.runner.config import Config, ModelSpec, load_config
+from lvr_local.runner.run import Runner
+from lvr_local.runner.settings import RunSettings, with_overrides
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def get_config(ctx: click.Context) -> Config:
+    obj = ctx.find_root().obj
+    if "config" not in obj:
+        obj["config"] = load_config(obj["config_path"])
+    return obj["config"]
+
+
+def resolve_model(ctx: click.Context, ref: str) -> tuple[str, Path]:
+    """A MODEL argument: a name from models.toml, or a path to a .gguf file."""
+    config = get_config(ctx)
+    spec = config.model(ref)
+    if spec is not None:
+        return spec.name, spec.resolve_path()
+    path = Path(ref).expanduser()
+    if path.suffix.lower() == ".gguf" or path.exists():
+        return path.stem, path
+    names = ", ".join(m.name for m in config.models) or "none"
+    raise LvrError(
+        f"unknown model '{ref}': not a name in {config.path} ({names}) and not a .gguf file"
+    )
+
+
+def load_vocab(ctx: click.Context, ref: str) -> Vocabulary:
+    name, path = resolve_model(ctx, ref)
+    return load_vocabulary(path, name=name)
+
+
+def model_specs(
+    ctx: click.Context, refs: Sequence[str], weights: Sequence[float]
+) -> list[ModelSpec]:
+    """The models a decoding command runs: `-m` names or paths, else the enabled models
+    of models.toml; `--weight`s in the same order override the file's weights."""
+    config = get_config(ctx)
+    specs: list[ModelSpec] = []
+    for ref in refs:
+        spec = config.model(ref)
+        if spec is None:
+            name, path = resolve_model(ctx, ref)
+            spec = ModelSpec(name=name, source=str(path))
+        specs.append(replace(spec, enabled=True))
+    if not refs:
+        specs = list(config.enabled_models)
+    if not specs:
+        raise LvrError(f"no model to run: {config.path} enables none and no -m was given")
+    if weights:
+        if len(weights) != len(specs):
+            raise LvrError(f"{len(weights)} --weight values for {len(specs)} models")
+        bad = [w for w in weights if not math.isfinite(w)]
+        if bad:
+            raise LvrError(f"--weight must be a finite number, got {bad[0]}")
+        specs = [replace(s, weight=w) for s, w in zip(specs, weights, strict=True)]
+    return specs
+
+
+# ----------------------------------------------------------------- decoding options
+
+
+def _options(options: list[Decorator]) -> Decorator:
+    return lambda func: functools.reduce(lambda f, opt: opt(f), reversed(options), func)
+
+
+model_options = _options(
+    [
+        click.option(
+            "-m",
+            "--model",
+            "models",
+            multiple=True,
+            metavar="NAME|PATH",
+            help="A model from models.toml or a .gguf file; repeat for an ensemble "
+            "(default: the enabled models of models.toml).",
+        ),
+        click.option(
+            "--weight",
+            "weights",
+            multiple=True,
+            type=float,
+            help="Weight of each model, in -m order (negative allowed with product).",
+        ),
+        click.option("--sub-vocab", help="mcv | bytes | maxlen:K (default from models.toml)."),
+        click.option(
+            "--method",
+            type=click.Choice(METHODS),
+            help="How a model's tokens become pieces: lossless reduction, or the naive "
+            "restriction baseline.",
+        ),
+        click.option(
+            "--combine", type=click.Choice(RULES), help="How the models' distributions combine."
+        ),
+        click.option(
+            "--prune", type=float, help="Drop tokenization branches below this share of the total."
+        ),
+        click.option(
+            "--max-branches",
+            type=int,
+            help="Keep at most this many tokenization branches per model (0 = no cap).",
+        ),
+        click.option(
+            "--token-top-k",
+            type=int,
+            help="K-LVR: keep only the K most likely tokens of each branch (0 = all).",
+        ),
+    ]
+)
+
+sampling_options = _options(
+    [
+        click.option("--temperature", "-t", type=float, help="0 = greedy."),
+        click.option("--top-k", type=int, help="Keep the k most likely pieces (0 = off)."),
+        click.option("--top-p", type=float, help="Nucleus sampling threshold."),
+        click.option("--min-p", type=float, help="Drop pieces below min-p x the top one."),
+        click.option("--seed", type=int, help="Random seed, for reproducible sampling."),
+        click.option("--max-pieces", type=int, help="Stop after this many pieces."),
+        click.option("--max-bytes", type=int, help="Stop after this many bytes."),
+        click.option("--stop", multiple=True, help="Stop where this string appears (repeat)."),
+    ]
+)
+
+# Flags that are run settings, by their settings name (click's parameter names).
+SETTING_FLAGS = (
+    "sub_vocab",
+    "method",
+    "combine",
+    "prune",
+    "max_branches",
+    "token_top_k",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "max_pieces",
+    "max_bytes",
+    "stop",
+)
+
+
+def settings_from(ctx: click.Context, kw: dict[str, Any], **fixed: Any) -> RunSettings:
+    """models.toml's defaults, then the flags given, then what the command fixes."""
+    flags = {k: kw.get(k) for k in SETTING_FLAGS}
+    flags["stop"] = tuple(kw.get("stop") or ()) or None  # click gives () when not given
+    return with_overrides(get_config(ctx).defaults, **{**flags, **fixed})
+
+
+@contextlib.contextmanager
+def open_runner(
+    ctx: click.Context, kw: dict[str, Any], settings: RunSettings, **runner_options: Any
+) -> Iterator[Runner]:
+    """Load the models (progress on stderr) and always free them."""
+    runner = Runner(model_specs(ctx, kw["models"], kw["weights"]), settings, **runner_options)
+    started = [time.perf_counter()]
+
+    def progress(label: str, done: int, total: int) -> None:
+        if done:
+            click.echo(f" {time.perf_counter() - started[0]:.1f} s", err=True)
+        if done < total:
+            click.echo(f"{label} ...", err=True, nl=False)
+        started[0] = time.perf_counter()
+
+    try:
+        yield runner.load(progress)
+    finally:
+        runner.close()
+
+
+# ----------------------------------------------------------------- output
+
+
+def echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"

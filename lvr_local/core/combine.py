@@ -1,0 +1,104 @@
+"""Combining the members' next-piece distributions into one (docs/algorithm.md §7).
+
+Inputs are log-probabilities over the same sub-vocabulary (END included), one row per
+model; a piece impossible for a model is -inf there. Outputs are normalised
+log-probabilities; no NaN ever leaves this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lvr_local.errors import LvrError
+
+RULES = ("mean", "product", "max")
+# A negative weight rewards pieces the model finds unlikely; an impossible piece would
+# get +inf. Its log-probability is floored here instead (e^-50 ~ 2e-22).
+NEGATIVE_WEIGHT_FLOOR = -50.0
+
+
+def log_normalise(scores: np.ndarray) -> np.ndarray:
+    top = np.max(scores)
+    if not np.isfinite(top):
+        raise LvrError("no piece is possible under the combined distribution")
+    shifted = scores - top
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def combine(logq: np.ndarray, weights: Sequence[float], rule: str) -> np.ndarray:
+    """Combined log-distribution of a (n_models, n_pieces) array of log q_i."""
+    w = np.asarray(weights, dtype=np.float64)
+    if logq.ndim != 2 or logq.shape[0] != len(w):
+        raise ValueError("one row of log-probabilities per weight")
+    if rule == "mean":
+        return _mean(logq, w)
+    if rule == "product":
+        return _product(logq, w)
+    if rule == "max":
+        return _max(logq, w)
+    raise LvrError(f"unknown combination rule '{rule}': expected one of {', '.join(RULES)}")
+
+
+def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if np.any(w < 0) or w.sum() <= 0:
+        raise LvrError("the mean rule needs non-negative weights with a positive sum")
+    active = w > 0
+    rows = logq[active]
+    if len(rows) == 1:  # one model: its own distribution (rows are normalised)
+        if not np.isfinite(np.max(rows[0])):
+            raise LvrError("no piece is possible under the combined distribution")
+        return rows[0]
+    weights = w[active] / w[active].sum()
+    # In probability space: one exp per entry, no per-piece maximum (the step's serial
+    # part while the models wait). float64 keeps every q above ~1e-308.
+    mixed = weights @ np.exp(rows)
+    total = float(mixed.sum())
+    if not total > 0.0:
+        raise LvrError("no piece is possible under the combined distribution")
+    with np.errstate(divide="ignore"):
+        out = np.log(mixed / total)
+    _repair_underflow(out, rows, np.log(weights) - np.log(total))
+    return out
+
+
+def _repair_underflow(out: np.ndarray, rows: np.ndarray, log_scale: np.ndarray) -> None:
+    """Pieces whose every probability underflowed exp (below ~1e-308) but is not zero:
+    their log-mixture, computed in log space."""
+    zero = np.flatnonzero(out == -np.inf)
+    if len(zero) == 0:
+        return
+    terms = rows[:, zero] + log_scale[:, None]
+    top = np.max(terms, axis=0)
+    lost = np.isfinite(top)
+    if lost.any():
+        top, terms = top[lost], terms[:, lost]
+        out[zero[lost]] = top + np.log(np.sum(np.exp(terms - top), axis=0))
+
+
+def _product(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
+    total = np.zeros(logq.shape[1])
+    for row, weight in zip(logq, w, strict=True):
+        if weight > 0:
+            total += weight * row  # -inf stays -inf: a model's veto
+        elif weight < 0:
+            total += weight * np.maximum(row, NEGATIVE_WEIGHT_FLOOR)
+    return log_normalise(total)
+
+
+def _max(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if np.any(w < 0):
+        raise LvrError("the max rule needs non-negative weights")
+    active = w > 0
+    with np.errstate(divide="ignore"):
+        scaled = logq[active] + np.log(w[active])[:, None]
+    return log_normalise(np.max(scaled, axis=0))
+
+
+def dominant_model(logq: np.ndarray, weights: Sequence[float], piece: int) -> int:
+    """The member whose weighted probability of `piece` is largest: who carried the step."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        contribution = np.where(w > 0, np.exp(logq[:, piece]) * w, -np.inf)
+    return int(np.argmax(contribution))

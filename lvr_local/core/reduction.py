@@ -1,0 +1,424 @@
+"""The reduced model: one language model seen through a sub-vocabulary (docs/algorithm.md §2-3).
+
+A `ReducedState` follows a growing piece sequence u. It keeps the *aligned nodes*: token
+prefixes w whose pieces are exactly u[:j], with log P(w). A node at the newest boundary
+(j = len(u)) is *fresh*: once the model has scored it, every token sends its probability
+to its first piece (node_scoring.py). An older node is *pending*: it keeps only the few
+tokens whose pieces still match u[j:] and go further, and sends their probability to
+their next piece. The nodes' contributions sum to Q(u s) for every piece s, whence
+q(s | u) = Q(u s) / Q(u).
+
+Control tokens (no bytes, not END) never receive mass: each next-token distribution is
+conditioned on the tokens that have bytes or are END. A piece sequence cannot express a
+chat marker in mid-text, so this is the only reading of the model it can follow.
+
+Pruning compares each node's *share* of Q(u) (docs/algorithm.md §4); all dropped probability
+(pruned nodes and, with top-K, cut tokens) is summed in `log_pruned`. The kept nodes are
+a subset of the exact cover, so `log_Q` is a lower bound and
+0 <= Q(u) - exp(log_Q) <= exp(log_pruned).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from lvr_local.core.decompose import DecompositionTables
+from lvr_local.core.lm import NextTokenModel, TokenPrefix
+from lvr_local.core.node_scoring import PRECISIONS, NodeScorer, Scored
+from lvr_local.errors import LvrError
+
+NEG_INF = float("-inf")
+# exp(x) for x below about -745 underflows to 0 in float64.
+MAX_EXP_RANGE = -700.0
+DEFAULT_PRUNE = 1e-4
+DEFAULT_MAX_BRANCHES = 16
+
+
+class ImpossiblePieceError(LvrError):
+    """The model gives this piece no probability after the current pieces (every way of
+    spelling it was pruned, cut by top-K, or does not exist). The state is unchanged."""
+
+
+class PieceModel(Protocol):
+    """What an ensemble drives: the reduced engine and the naive baseline alike.
+
+    `synchronised`: no token straddles the current position (docs/algorithm.md §6).
+    `log_pruned`: log of all probability mass dropped so far; `last_pruned_fraction`:
+    the share of Q(u) the last advance dropped (docs/algorithm.md §4)."""
+
+    pieces: list[int]
+    log_Q: float
+    log_pruned: float
+    last_pruned_fraction: float
+    finished: bool
+
+    @property
+    def synchronised(self) -> bool: ...
+
+    def hand_over(self) -> list[tuple[TokenPrefix, float]]: ...
+
+    def next_piece_logprobs(self) -> np.ndarray: ...
+
+    def advance(self, piece: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """`prune`: drop nodes whose share of Q(u) is below this fraction. 0 keeps every node,
+    which is exact but can keep exponentially many tokenizations alive (each byte-fallback
+    duplicate of a token doubles them). The default 1e-4 dropped ~2e-5 nats per byte of
+    English and cut forward-pass rows per byte 3.1-3.5x against 1e-6; that error is far
+    below llama.cpp's own arithmetic noise between batch layouts (README, "Exactness").
+    `token_top_k`: K-LVR (docs/algorithm.md §5), keep only the K most likely tokens of
+    each scored node (None or 0: all tokens). `precision`: of the full-vocabulary exp,
+    "float32" (~1e-7 relative, the default) or "float64" (see node_scoring.py).
+    `max_branches`: keep at most this many alive nodes (tokenization branches), the
+    largest shares (None or 0: no cap);
+    what it drops is counted in the pruned mass like what `prune` drops."""
+
+    prune: float = DEFAULT_PRUNE
+    token_top_k: int | None = None
+    precision: str = "float32"
+    max_branches: int | None = DEFAULT_MAX_BRANCHES
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune < 1.0:
+            raise LvrError(f"prune must be in [0, 1), got {self.prune}")
+        if self.token_top_k is not None and self.token_top_k < 0:
+            raise LvrError(f"token_top_k must be >= 0 (0 = off), got {self.token_top_k}")
+        if self.max_branches is not None and self.max_branches < 0:
+            raise LvrError(f"max_branches must be >= 0 (0 = no cap), got {self.max_branches}")
+        if self.precision not in PRECISIONS:
+            raise LvrError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(eq=False)
+class FreshNode:
+    """d(prefix) is all of u; scored once by the model. Once u grows, the node lives on
+    only as the origin of pending nodes, and its full-vocabulary data is dropped."""
+
+    prefix: TokenPrefix
+    log_p: float
+    scored: Scored | None = None
+    asked: bool = False  # the model has scored this prefix (so it must be released)
+
+    @property
+    def log_share(self) -> float:
+        return self.log_p + (self.scored.log_kept if self.scored else 0.0)
+
+
+@dataclass(eq=False)
+class PendingNode:
+    """The node `origin` (scored when it was fresh, at `boundary`) waiting inside tokens:
+    `tokens` are those whose pieces begin with u[boundary:] (`depth` pieces) and go
+    further, with their log p(v | prefix) and their next piece (the one at `depth`)."""
+
+    origin: FreshNode
+    boundary: int
+    depth: int
+    tokens: np.ndarray
+    token_logp: np.ndarray
+    next_piece: np.ndarray
+    log_share: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        top = float(self.token_logp.max())
+        self.log_share = self.log_p + top + math.log(np.exp(self.token_logp - top).sum())
+
+    @property
+    def prefix(self) -> TokenPrefix:
+        return self.origin.prefix
+
+    @property
+    def log_p(self) -> float:
+        return self.origin.log_p
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A read-only summary of one aligned node, for reports and tests."""
+
+    prefix: TokenPrefix
+    boundary: int
+    log_p: float
+    log_share: float
+    pending: bool
+
+
+class ReducedState:
+    """One model's reduced next-piece distribution along a piece sequence it is fed."""
+
+    def __init__(
+        self,
+        model: NextTokenModel,
+        tables: DecompositionTables,
+        options: EngineOptions | None = None,
+        scorer: NodeScorer | None = None,
+        start: Sequence[tuple[TokenPrefix, float]] = (((), 0.0),),
+    ) -> None:
+        """`start`: the aligned nodes (token prefix, log P) to begin from: the prompt
+        itself by default, or the nodes handed over by another state (`hand_over`)."""
+        if not start:
+            raise LvrError("a reduced state needs at least one start node")
+        if model.n_vocab != tables.n_vocab:
+            raise LvrError(f"model has {model.n_vocab} tokens but its tables have {tables.n_vocab}")
+        self.model = model
+        self.tables = tables
+        self.options = options or EngineOptions()
+        self.scorer = scorer or NodeScorer(tables, self.options.token_top_k, self.options.precision)
+        self.pieces: list[int] = []
+        self.log_Q = logsumexp([lp for _, lp in start])  # log Q(u), from the nodes kept alive
+        self.log_pruned = NEG_INF  # log of all probability mass dropped so far
+        self.last_pruned_fraction = 0.0  # share of Q(u) dropped by the last advance
+        self.finished = False
+        self._fresh: list[FreshNode] = [FreshNode(prefix, log_p) for prefix, log_p in start]
+        self._pending: list[PendingNode] = []
+        self._to_release: list[TokenPrefix] = []
+        self._logq: np.ndarray | None = None
+
+    # ----------------------------------------------------------------- public interface
+
+    @property
+    def synchronised(self) -> bool:
+        """No token straddles the current position: every alive node is aligned with
+        all of u, so what follows does not depend on how u was split into pieces."""
+        return not self._pending
+
+    def hand_over(self) -> list[tuple[TokenPrefix, float]]:
+        """The aligned nodes, for a new state over another sub-vocabulary to start from.
+        Only when synchronised; this state is left empty and releases nothing of them."""
+        if not self.synchronised:
+            raise LvrError("a state can only be handed over when synchronised")
+        self._flush_releases()
+        nodes = [(f.prefix, f.log_p) for f in self._fresh]
+        self._fresh = []
+        return nodes
+
+    @property
+    def sub_size(self) -> int:
+        return self.tables.n_symbols
+
+    def nodes(self) -> list[NodeView]:
+        k = len(self.pieces)
+        return [NodeView(f.prefix, k, f.log_p, f.log_share, False) for f in self._fresh] + [
+            NodeView(p.prefix, p.boundary, p.log_p, p.log_share, True) for p in self._pending
+        ]
+
+    def next_piece_logprobs(self) -> np.ndarray:
+        """log q(s | u) for every piece s (END last); -inf for impossible pieces. The
+        array is read-only and shared until the next advance."""
+        self._check_open()
+        if self._logq is None:
+            self._score_fresh_nodes()
+            self._logq = self._combine()
+            self._logq.flags.writeable = False
+        return self._logq
+
+    def advance(self, piece: int) -> None:
+        """Append `piece` to u. Raises ImpossiblePieceError, leaving the state unchanged,
+        when no alive node can produce it."""
+        self._check_open()
+        piece = operator.index(piece)
+        if not 0 <= piece < self.sub_size:
+            raise LvrError(f"piece id {piece} is outside the sub-vocabulary 0..{self.sub_size - 1}")
+        self._score_fresh_nodes()
+        fresh, pending = self._successors(piece)
+        shares = [n.log_share for n in fresh] + [n.log_share for n in pending]
+        total = logsumexp(shares)
+        if total == NEG_INF:
+            name = "END" if piece == self.tables.sub.end_id else repr(self.tables.sub.pieces[piece])
+            raise ImpossiblePieceError(f"piece {name} has probability 0 here")
+        floor = total + math.log(self.options.prune) if self.options.prune > 0.0 else NEG_INF
+        cap = self.options.max_branches
+        if cap and len(fresh) + len(pending) > cap:
+            # Alternative tokenizations that split early keep their relative share for
+            # ever, so without a cap their number (and forward passes) grows with the text.
+            floor = max(floor, sorted(shares, reverse=True)[cap - 1])
+        if floor > NEG_INF:
+            fresh = [n for n in fresh if n.log_share >= floor]
+            pending = [n for n in pending if n.log_share >= floor]
+            kept = logsumexp([n.log_share for n in fresh] + [n.log_share for n in pending])
+        else:
+            kept = total
+        self._commit(piece, fresh, pending, kept, total)
+
+    def close(self) -> None:
+        """Tell the model that no alive node will be extended any more."""
+        self._retire(self._alive_origins())
+        self._fresh, self._pending = [], []
+        self._flush_releases()
+
+    # ----------------------------------------------------------------- scoring
+
+    def _score_fresh_nodes(self) -> None:
+        """Score every unscored fresh node in ONE model call, then free dropped prefixes
+        (after the call, so that the backend can still extend them)."""
+        todo = [f for f in self._fresh if f.scored is None]
+        if todo:
+            rows = self.model.next_logits([f.prefix for f in todo])
+            if len(rows) != len(todo):
+                raise LvrError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
+            for node, row in zip(todo, rows, strict=True):
+                node.scored = self.scorer.score(row)
+                node.asked = True
+                if node.scored.log_kept < 0.0:  # top-K cut: that mass is gone for good
+                    self._add_pruned(node.log_p + _log1mexp(node.scored.log_kept))
+        self._flush_releases()
+
+    def _combine(self) -> np.ndarray:
+        """q(. | u): the nodes' contributions, each weighted by its share of Q(u)."""
+        total = logsumexp([f.log_share for f in self._fresh] + [p.log_share for p in self._pending])
+        if total == NEG_INF:
+            return np.full(self.sub_size, NEG_INF)  # every continuation was cut
+        logq = None
+        for f in self._fresh:
+            assert f.scored is not None
+            own = f.scored.piece_logq  # owned by this node, used once: updated in place
+            if f.log_share != total:
+                own += f.log_share - total
+            logq = own if logq is None else np.logaddexp(logq, own, out=logq)
+        if logq is None:
+            logq = np.full(self.sub_size, NEG_INF)
+        if self._pending:
+            pieces, log_mass = self._pending_masses()
+            logq[pieces] = np.logaddexp(logq[pieces], log_mass - total)
+        return logq
+
+    def _pending_masses(self) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-mass per next piece over all pending nodes."""
+        nxt = np.concatenate([p.next_piece for p in self._pending])
+        vals = np.concatenate([p.log_p + p.token_logp for p in self._pending])
+        top = float(vals.max())
+        if float(vals.min()) - top > MAX_EXP_RANGE:
+            # Some values would underflow next to the largest: a max per piece instead.
+            pieces, group = np.unique(nxt, return_inverse=True)
+            return pieces, group_logsumexp(group, vals, len(pieces))
+        # One shift for all (no sort): ~100k tokens wait after a byte-level root node.
+        sums = np.bincount(nxt, weights=np.exp(vals - top), minlength=self.sub_size)
+        pieces = np.flatnonzero(sums)
+        return pieces, np.log(sums[pieces]) + top
+
+    # ----------------------------------------------------------------- advancing
+
+    def _successors(self, piece: int) -> tuple[list[FreshNode], list[PendingNode]]:
+        """The nodes after appending `piece`: new fresh nodes (tokens completed exactly)
+        and pending nodes whose tokens still match and go further."""
+        tables, k = self.tables, len(self.pieces)
+        singles, multis = tables.singles(piece), tables.multis(piece)
+        fresh: list[FreshNode] = []
+        pending: list[PendingNode] = []
+        for f in self._fresh:
+            assert f.scored is not None
+            fresh += _extend(f.prefix, f.log_p, singles, f.scored.token_logp(singles))
+            if len(multis):
+                logp = f.scored.token_logp(multis)
+                live = logp > NEG_INF
+                if live.any():
+                    waiting = multis[live]
+                    nxt = tables.piece_at(waiting, 1)
+                    pending.append(PendingNode(f, k, 1, waiting, logp[live], nxt))
+        for p in self._pending:
+            match = p.next_piece == piece
+            if not match.any():
+                continue
+            tokens, logp = p.tokens[match], p.token_logp[match]
+            done = tables.n_pieces[tokens] == p.depth + 1
+            fresh += _extend(p.prefix, p.log_p, tokens[done], logp[done])
+            if not done.all():
+                go_on = ~done
+                waiting, depth = tokens[go_on], p.depth + 1
+                nxt = tables.piece_at(waiting, depth)
+                pending.append(PendingNode(p.origin, p.boundary, depth, waiting, logp[go_on], nxt))
+        return fresh, pending
+
+    def _commit(
+        self,
+        piece: int,
+        fresh: list[FreshNode],
+        pending: list[PendingNode],
+        log_kept: float,
+        log_total: float,
+    ) -> None:
+        before = self._alive_origins()
+        for old in self._fresh:
+            old.scored = None  # pending successors kept what they need
+        self.pieces.append(piece)
+        self.last_pruned_fraction = -math.expm1(log_kept - log_total)
+        if log_kept < log_total:
+            self._add_pruned(log_total + _log1mexp(log_kept - log_total))
+        self.log_Q = log_kept
+        self._logq = None
+        if piece == self.tables.sub.end_id:
+            self.finished = True  # nothing follows END: no node is scored again
+            fresh, pending = [], []
+        self._fresh, self._pending = fresh, pending
+        self._retire(before - self._alive_origins())
+        if self.finished:
+            self._flush_releases()
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def _add_pruned(self, log_mass: float) -> None:
+        self.log_pruned = logsumexp([self.log_pruned, log_mass])
+
+    def _alive_origins(self) -> set[FreshNode]:
+        """The scored-or-not fresh nodes whose prefix some alive node still stands on
+        (compared by identity: hashing long prefixes would cost O(length))."""
+        return set(self._fresh) | {p.origin for p in self._pending}
+
+    def _retire(self, origins: set[FreshNode]) -> None:
+        """Queue for release the prefixes of these nodes that the model has scored."""
+        self._to_release += [n.prefix for n in origins if n.asked]
+
+    def _flush_releases(self) -> None:
+        if self._to_release:
+            self.model.release(self._to_release)
+            self._to_release = []
+
+    def _check_open(self) -> None:
+        if self.finished:
+            raise LvrError("END was emitted: this reduced state cannot continue")
+
+
+def _extend(
+    prefix: TokenPrefix, log_p: float, tokens: np.ndarray, logp: np.ndarray
+) -> list[FreshNode]:
+    """New fresh nodes prefix + (v,) for the tokens of nonzero probability."""
+    return [
+        FreshNode((*prefix, v), log_p + lp)
+        for v, lp in zip(tokens.tolist(), logp.tolist(), strict=True)
+        if lp > NEG_INF
+    ]
+
+
+def _log1mexp(x: float) -> float:
+    """log(1 - exp(x)) for x <= 0."""
+    return math.log(-math.expm1(x)) if x < 0.0 else NEG_INF
+
+
+def logsumexp(values: list[float]) -> float:
+    """log(sum(exp(values))) of a few scalars; -inf when empty or all -inf."""
+    if not values:
+        return NEG_INF
+    top = max(values)
+    if top == NEG_INF:
+        return NEG_INF
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def group_logsumexp(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """logsumexp of `values` within each group id 0..n_groups-1."""
+    top = np.full(n_groups, NEG_INF)
+    np.maximum.at(top, group, values)
+    safe = np.where(top > NEG_INF, top, 0.0)
+    sums = np.bincount(group, weights=np.exp(values - safe[group]), minlength=n_groups)
+    with np.errstate(divide="ignore"):
+        return np.log(sums) + safe

@@ -1,0 +1,260 @@
+"""Ensemble stepping: N reduced models in lock-step over one sub-vocabulary
+(docs/algorithm.md §7).
+
+Each step every member gives its next-piece distribution q_i(. | u), the combination
+rule mixes them, a chooser picks one piece, and every member advances by it. One member
+alone is plain lossless reduction of that model. The *method* says how a member's
+token distribution becomes a piece distribution: `lossless` (the reduction) or `naive`
+(the restriction baseline); the *rule* says how members are combined.
+
+A raw prompt that ends mid-token runs on bytes first (byte_phase.py); how the members
+share the cores is scheduling.py's; the generation loop with budgets and stops is
+generation.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lvr_local.core.chat import Message
+from lvr_local.core.combine import RULES, combine, dominant_model
+from lvr_local.core.decompose import DecompositionTables, decomposition_tables
+from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.naive import NaiveState
+from lvr_local.core.reduction import EngineOptions, PieceModel, ReducedState
+from lvr_local.core.subvocab import SubVocabulary, parse_spec
+from lvr_local.decoding.byte_phase import BytePhase
+from lvr_local.decoding.members import Member
+from lvr_local.decoding.prompting import PreparedPrompt, prepare_chat, prepare_raw
+from lvr_local.decoding.scheduling import CoreScheduler
+from lvr_local.errors import LvrError
+from lvr_local.llama.chat_template import format_chat
+
+METHODS = ("lossless", "naive")
+
+
+@dataclass(frozen=True)
+class PieceEvent:
+    """One generated (or forced) piece, for every front end."""
+
+    index: int
+    piece: int
+    text: bytes
+    logprob: float  # under the combined distribution
+    member_logprobs: tuple[float, ...]  # each member's log q_i of this piece
+    weights: tuple[float, ...]
+    dominant: int  # the member whose weighted probability of it was largest
+    pruned: tuple[float, ...]  # each member's share of Q dropped by this step
+    byte_level: bool  # emitted during the byte-level phase after a mid-token prompt
+
+    @property
+    def prob(self) -> float:
+        return float(np.exp(self.logprob))
+
+    @property
+    def member_probs(self) -> tuple[float, ...]:
+        return tuple(float(np.exp(x)) for x in self.member_logprobs)
+
+
+class Ensemble:
+    """Decodes with several members over one sub-vocabulary. Not thread-safe."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        *,
+        sub_vocab: str = "mcv",
+        method: str = "lossless",
+        rule: str = "mean",
+        options: EngineOptions | None = None,
+        scheduler: CoreScheduler | None = None,
+    ) -> None:
+        if not members:
+            raise LvrError("an ensemble needs at least one model")
+        _check_choice("method", method, METHODS)
+        _check_choice("combination rule", rule, RULES)
+        self.members = list(members)
+        self.method = method
+        self.rule = rule
+        self.options = options or EngineOptions()
+        self.scheduler = scheduler or CoreScheduler()
+        self.sub = parse_spec(sub_vocab, [m.vocab for m in self.members])
+        self.tables = [decomposition_tables(m.vocab, self.sub) for m in self.members]
+        self._byte_phase = BytePhase(self.members)
+        self._states: list[PieceModel | None] = []
+        self._live: list[bool] = []
+        self._phase_sub = self.sub
+
+    # ----------------------------------------------------------------- set-up
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether this generation's members decode at once."""
+        return self.scheduler.concurrent
+
+    @property
+    def weights(self) -> list[float]:
+        return [m.weight for m in self.members]
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        if len(weights) != len(self.members):
+            raise LvrError(f"expected {len(self.members)} weights, got {len(weights)}")
+        for m, w in zip(self.members, weights, strict=True):
+            m.weight = float(w)
+
+    def start_raw(self, text: bytes) -> None:
+        """Condition every enabled member on a raw prompt (may end mid-token)."""
+        self._start(lambda m: prepare_raw(m.backend, m.vocab, text))
+
+    def start_chat(self, messages: Sequence[Message]) -> None:
+        """Condition every enabled member on a conversation, each with its own template."""
+        self._start(
+            lambda m: prepare_chat(m.backend, format_chat(m.chat_template, messages, model=m.name))
+        )
+
+    def _start(self, prepare: Callable[[Member], PreparedPrompt]) -> None:
+        self._close_states()
+        self._live = [m.enabled for m in self.members]
+        if not any(self._live):
+            raise LvrError("every model is disabled")
+        prompts = {i: prepare(m) for i, m in enumerate(self.members) if self._live[i]}
+        on_bytes = self.method == "lossless" and any(p.tail for p in prompts.values())
+        self._phase_sub = self._byte_phase.sub if on_bytes else self.sub
+        tables = self._byte_phase.tables if on_bytes else self.tables
+        self._states = [None] * len(self.members)
+        self.scheduler.all_cores(self.members)
+        for i, prompt in prompts.items():
+            self.members[i].backend.set_prompt(prompt.tokens)
+            self._states[i] = self._new_state(i, tables[i])
+        for i, prompt in prompts.items():
+            self._byte_phase.force_tail(self.members[i], self._state(i), prompt.tail)
+        self.scheduler.share([m for m, ok in zip(self.members, self._live, strict=True) if ok])
+        self._maybe_leave_byte_phase()
+
+    def _new_state(
+        self,
+        i: int,
+        tables: DecompositionTables,
+        start: list[tuple[TokenPrefix, float]] | None = None,
+    ) -> PieceModel:
+        """Member i's piece model over `tables`, from the prompt or from handed-over nodes."""
+        model = self.members[i].backend
+        if self.method == "naive":
+            return NaiveState(model, tables)
+        return ReducedState(model, tables, self.options, start=start or [((), 0.0)])
+
+    def _maybe_leave_byte_phase(self) -> None:
+        """Switch from bytes to the chosen sub-vocabulary once every member is
+        synchronised (docs/algorithm.md §6)."""
+        if self._phase_sub is self.sub or not BytePhase.synchronised(self._states):
+            return
+        self._states = BytePhase.hand_over(
+            self._states, lambda i, start: self._new_state(i, self.tables[i], start)
+        )
+        self._phase_sub = self.sub
+
+    def _state(self, i: int) -> PieceModel:
+        state = self._states[i]
+        if state is None:
+            raise LvrError(f"model '{self.members[i].name}' is not part of this generation")
+        return state
+
+    # ----------------------------------------------------------------- stepping
+
+    def distributions(self) -> np.ndarray:
+        """(n_members, n_symbols) log q_i(. | u); members may decode at once. A member
+        that has left this generation gets a row of -inf."""
+        if not self._states:
+            raise LvrError("no prompt: call start_raw or start_chat first")
+        live = [i for i, ok in enumerate(self._live) if ok]
+        rows = self.scheduler.map(lambda s: s.next_piece_logprobs(), [self._state(i) for i in live])
+        logq = np.full((len(self.members), self._phase_sub.size), -np.inf)
+        logq[live] = rows
+        return logq
+
+    def combined(self, logq: np.ndarray) -> np.ndarray:
+        active = [i for i, m in enumerate(self.members) if self._live[i] and m.weight != 0]
+        if not active:
+            raise LvrError("every model is disabled, has weight 0, or cannot follow the text")
+        return combine(logq[active], [self.members[i].weight for i in active], self.rule)
+
+    def step(self, choose: Callable[[np.ndarray], int], index: int = 0) -> PieceEvent:
+        """One piece: combine, choose, advance every member."""
+        logq = self.distributions()
+        logp = self.combined(logq)
+        return self._advance(choose(logp), logq, logp, index)
+
+    def force(self, piece: int, index: int = 0) -> PieceEvent:
+        """Advance by a given piece (scoring a text), reporting its probabilities."""
+        logq = self.distributions()
+        return self._advance(piece, logq, self.combined(logq), index)
+
+    def _advance(self, piece: int, logq: np.ndarray, logp: np.ndarray, index: int) -> PieceEvent:
+        sub = self._phase_sub
+        if logp[piece] == -np.inf:
+            raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
+        pruned = [0.0] * len(self.members)
+        for i, state in enumerate(self._states):
+            if state is None or not self._live[i]:
+                continue
+            if logq[i, piece] == -np.inf:
+                self._live[i] = False  # it cannot spell this text: it leaves this generation
+                continue
+            state.advance(piece)
+            pruned[i] = state.last_pruned_fraction
+        event = PieceEvent(
+            index=index,
+            piece=piece,
+            text=sub.piece_bytes(piece),
+            logprob=float(logp[piece]),
+            member_logprobs=tuple(float(x) for x in logq[:, piece]),
+            weights=tuple(self.weights),
+            dominant=dominant_model(logq, self.weights, piece),
+            pruned=tuple(pruned),
+            byte_level=sub is not self.sub,
+        )
+        if piece != sub.end_id:
+            self._maybe_leave_byte_phase()
+        return event
+
+    def pruned_mass(self) -> list[float]:
+        """Each member's probability mass dropped by pruning (or token top-K) so far."""
+        return [float(np.exp(s.log_pruned)) if s else 0.0 for s in self._states]
+
+    @property
+    def live(self) -> list[bool]:
+        """Which members still follow this generation (enabled, and able to spell it)."""
+        return list(self._live)
+
+    @property
+    def phase_sub(self) -> SubVocabulary:
+        """The sub-vocabulary of the next piece: bytes during the byte-level phase."""
+        return self._phase_sub
+
+    @property
+    def end_id(self) -> int:
+        return self._phase_sub.end_id
+
+    def piece_id(self, piece: bytes) -> int | None:
+        return self._phase_sub.piece_id(piece)
+
+    # ----------------------------------------------------------------- teardown
+
+    def _close_states(self) -> None:
+        for state in self._states:
+            if state is not None:
+                state.close()
+        self._states = []
+
+    def close(self) -> None:
+        """Release every branch (the members' models stay loaded: their owner frees them)."""
+        self._close_states()
+        self.scheduler.close()
+
+
+def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise LvrError(f"unknown {what} '{value}': expected one of {', '.join(allowed)}")

@@ -1,0 +1,81 @@
+"""Exact log-probability of a text under each model and under the ensemble.
+
+Over the byte sub-vocabulary a text has exactly one piece sequence, so the product of
+q over its bytes is the probability that the model's generation (after the prompt)
+starts with the text, summed over all its tokenizations (docs/algorithm.md §2): a
+number comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from lvr_local.decoding.ensemble import Ensemble, PieceEvent
+from lvr_local.errors import LvrError
+
+
+class Scoring:
+    """Scores `text` after `prompt` byte by byte: iterate for one event per byte (or call
+    `run()`), then `record()` gives the totals."""
+
+    def __init__(self, ensemble: Ensemble, text: bytes, prompt: bytes = b"") -> None:
+        if ensemble.sub.kind != "bytes":
+            raise LvrError("scoring needs the byte sub-vocabulary")
+        if not text:
+            raise LvrError("the text to score is empty")
+        self.ensemble = ensemble
+        self.text = text
+        self.prompt = prompt
+        self.member_logp = np.zeros(len(ensemble.members))
+        self.ensemble_logp = 0.0
+        self.n_scored = 0
+
+    def __iter__(self) -> Iterator[PieceEvent]:
+        self.ensemble.start_raw(self.prompt)
+        for index, value in enumerate(self.text):
+            piece = self.ensemble.piece_id(bytes([value]))
+            assert piece is not None  # every byte is a piece of the byte sub-vocabulary
+            event = self.ensemble.force(piece, index)
+            self.member_logp += np.array(event.member_logprobs)
+            self.ensemble_logp += event.logprob
+            self.n_scored += 1
+            yield event
+
+    def run(self) -> dict[str, object]:
+        for _ in self:
+            pass
+        return self.record()
+
+    def record(self) -> dict[str, object]:
+        """{"n_bytes", "models": {name: {logprob, bits_per_byte, pruned_mass}}, "ensemble"}
+        (log-probabilities in nats, conditioned on the prompt; no "ensemble" for one
+        model). Over the bytes scored so far when the scoring was cut short."""
+        n = max(self.n_scored, 1)
+        per_byte = 1.0 / (n * math.log(2))
+        pruned = self.ensemble.pruned_mass()
+        members = self.ensemble.members
+        result: dict[str, object] = {
+            "n_bytes": self.n_scored,
+            "models": {
+                m.name: {
+                    "logprob": float(lp),
+                    "bits_per_byte": float(-lp * per_byte),
+                    "pruned_mass": pruned[i] if i < len(pruned) else 0.0,
+                }
+                for i, (m, lp) in enumerate(zip(members, self.member_logp, strict=True))
+            },
+        }
+        if len(members) > 1:
+            result["ensemble"] = {
+                "logprob": float(self.ensemble_logp),
+                "bits_per_byte": float(-self.ensemble_logp * per_byte),
+            }
+        return result
+
+
+def score_text(ensemble: Ensemble, text: bytes, prompt: bytes = b"") -> dict[str, object]:
+    """Score a whole text: the record of `Scoring(ensemble, text, prompt).run()`."""
+    return Scoring(ensemble, text, prompt).run()

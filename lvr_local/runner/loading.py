@@ -1,0 +1,65 @@
+"""Loading the models of a run: each one's vocabulary and its llama.cpp backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from lvr_local.decoding.members import Member
+from lvr_local.llama.backend import LlamaBackend
+from lvr_local.llama.vocab_reader import load_vocabulary
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.settings import RunSettings
+
+# Sequences per llama.cpp context: room for the tokenization branches the engine keeps
+# alive (fewer forces evictions and re-evaluation); cells are shared, so this is cheap.
+N_SEQ_MAX = 64
+
+# (what is happening, steps done, steps in all): for progress bars and log lines.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def load_member(
+    spec: ModelSpec, settings: RunSettings, *, n_threads: int | None = None
+) -> tuple[Member, LlamaBackend]:
+    """One model of models.toml: vocabulary from the cache, weights into llama.cpp.
+    Thread count: `n_threads`, else the settings', else shared out by the scheduler.
+    Returns the member and its backend (the caller owns it and must close it)."""
+    path = spec.resolve_path()
+    vocab = load_vocabulary(path, name=spec.name)
+    threads = n_threads or settings.n_threads or None
+    backend = LlamaBackend(
+        path,
+        n_ctx=spec.n_ctx or settings.n_ctx,
+        n_gpu_layers=spec.n_gpu_layers if spec.n_gpu_layers is not None else settings.n_gpu_layers,
+        n_threads=threads,
+        n_seq_max=N_SEQ_MAX,
+    )
+    member = Member(
+        name=spec.name,
+        vocab=vocab,
+        backend=backend,
+        weight=spec.weight,
+        chat_template=spec.chat_template or vocab.chat_template,
+        enabled=spec.enabled,
+        auto_threads=threads is None,
+    )
+    return member, backend
+
+
+def load_members(
+    specs: Sequence[ModelSpec], settings: RunSettings, progress: ProgressCallback, total: int
+) -> tuple[list[Member], list[LlamaBackend]]:
+    """Load every model, reporting before each; on any failure free what was loaded."""
+    members: list[Member] = []
+    backends: list[LlamaBackend] = []
+    try:
+        for done, spec in enumerate(specs):
+            progress(f"loading {spec.name}", done, total)
+            member, backend = load_member(spec, settings)
+            members.append(member)
+            backends.append(backend)
+    except BaseException:
+        for backend in backends:
+            backend.close()
+        raise
+    return members, backends

@@ -1,0 +1,305 @@
+"""The runner every front end uses: loaded models, settings, and runs as event streams.
+
+A `Runner` owns the members of one ensemble (loaded once) and builds the ensemble for
+the settings in force, rebuilding it when a setting that shapes it changes. A
+generation or a scoring is a stream: iterate a `Run` for its pieces (each with the text
+it adds, UTF-8 characters split across pieces held back until complete), then ask it
+for its `record()`. The CLI, the TUI, a server and an evaluation harness only present
+these streams.
+
+One runner is used by one thread at a time (llama.cpp contexts are not thread-safe);
+`Run.stop()` is the one call another thread may make.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lvr_local.core.chat import Message
+from lvr_local.core.sampling import Sampler
+from lvr_local.decoding.ensemble import Ensemble, PieceEvent
+from lvr_local.decoding.generation import RunStats, generate
+from lvr_local.decoding.members import Member
+from lvr_local.decoding.scheduling import CoreScheduler
+from lvr_local.decoding.scoring import Scoring
+from lvr_local.errors import LvrError
+from lvr_local.llama.backend import LlamaBackend
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.loading import ProgressCallback, load_members
+from lvr_local.runner.settings import RunSettings
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a front end shows about one loaded model."""
+
+    name: str
+    tokenizer: str
+    n_vocab: int
+    weight: float
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class MemberFigures:
+    name: str
+    forward_passes: int
+    cache_hits: int
+    alive: int
+    pruned: float
+
+
+@dataclass(frozen=True)
+class LiveFigures:
+    """A snapshot of a running generation (counters since it began)."""
+
+    pieces: int
+    bytes: int
+    seconds: float
+    members: tuple[MemberFigures, ...]
+
+    @property
+    def pieces_per_s(self) -> float:
+        return self.pieces / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a run and the text it completes (may be empty mid-character)."""
+
+    event: PieceEvent
+    text: str
+
+
+def _no_progress(label: str, done: int, total: int) -> None:
+    pass
+
+
+class Runner:
+    """The models of a run, loaded once, and the ensemble over them for the settings in
+    force. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        settings: RunSettings,
+        *,
+        concurrent: bool | None = None,
+    ) -> None:
+        if not specs:
+            raise LvrError("no model to run")
+        self.specs = list(specs)
+        self.settings = settings
+        self.members: list[Member] = []
+        self.backends: list[LlamaBackend] = []
+        self._concurrent = concurrent
+        self._ensemble: Ensemble | None = None
+        self._built_with: tuple[object, ...] | None = None
+
+    # ----------------------------------------------------------------- models
+
+    def load(self, progress: ProgressCallback = _no_progress) -> Runner:
+        """Load every model and build the ensemble, reporting progress before each step."""
+        total = len(self.specs) + 1
+        self.members, self.backends = load_members(self.specs, self.settings, progress, total)
+        progress("building the sub-vocabulary", len(self.specs), total)
+        self.ensemble_for(self.settings)
+        progress("ready", total, total)
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.members)
+
+    def model_infos(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(m.name, m.vocab.tokenizer_model, m.vocab.n_tokens, m.weight, m.enabled)
+            for m in self.members
+        ]
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        self.ensemble_for(self.settings).set_weights(weights)
+
+    def set_enabled(self, enabled: Sequence[bool]) -> None:
+        """Switch members on or off; it takes effect at the next prompt."""
+        if len(enabled) != len(self.members):
+            raise LvrError(f"expected {len(self.members)} on/off values, got {len(enabled)}")
+        for member, on in zip(self.members, enabled, strict=True):
+            member.enabled = bool(on)
+
+    def ensemble_for(self, settings: RunSettings) -> Ensemble:
+        """The ensemble for these settings: the current one, or a new one over the same
+        members when a setting that shapes it changed."""
+        if not self.members:
+            raise LvrError("the models are not loaded yet")
+        key = settings.ensemble_key()
+        if self._ensemble is None or key != self._built_with:
+            new = Ensemble(
+                self.members,
+                sub_vocab=settings.sub_vocab,
+                method=settings.method,
+                rule=settings.combine,
+                options=settings.engine_options(),
+                scheduler=CoreScheduler(self._concurrent),
+            )
+            old, self._ensemble, self._built_with = self._ensemble, new, key
+            if old is not None:
+                old.close()
+        return self._ensemble
+
+    @property
+    def ensemble(self) -> Ensemble:
+        return self.ensemble_for(self.settings)
+
+    # ----------------------------------------------------------------- runs
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        settings: RunSettings | None = None,
+        stop: threading.Event | None = None,
+    ) -> Run:
+        """A reply to a conversation, each member on its own chat template. Setting
+        `stop` (from any thread) ends the run after the current piece."""
+        ensemble = self.ensemble_for(settings or self.settings)
+        ensemble.start_chat(messages)
+        return Run(self, ensemble, settings or self.settings, stop)
+
+    def complete(
+        self,
+        prompt: bytes,
+        settings: RunSettings | None = None,
+        stop: threading.Event | None = None,
+    ) -> Run:
+        """A continuation of a raw prompt (exact when it ends mid-token)."""
+        ensemble = self.ensemble_for(settings or self.settings)
+        ensemble.start_raw(prompt)
+        return Run(self, ensemble, settings or self.settings, stop)
+
+    def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
+        """The exact log-probability of `text` after `prompt`, over bytes: iterate the
+        returned Scoring for one event per byte, then take its `record()`."""
+        settings = replace(self.settings, sub_vocab="bytes")
+        return Scoring(self.ensemble_for(settings), text, prompt)
+
+    def counters(self) -> list[dict[str, int]]:
+        return [vars(b.counters).copy() for b in self.backends]
+
+    # ----------------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        if self._ensemble is not None:
+            self._ensemble.close()
+            self._ensemble = None
+        for backend in self.backends:
+            backend.close()
+        self.members, self.backends = [], []
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Run:
+    """One generation as a stream of `Chunk`s, then a record. `stop()` (from any thread)
+    ends it after the current piece; `interrupt()` is for a caller that caught Ctrl-C."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        ensemble: Ensemble,
+        settings: RunSettings,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """A run over an ensemble whose prompt is already evaluated: the clock and the
+        counters start here, so figures count pieces, not prompt processing."""
+        self.runner = runner
+        self.ensemble = ensemble
+        self.settings = settings
+        self.stats = RunStats()
+        self.data = b""
+        self.text = ""
+        self.error: str | None = None
+        self._stop = stop or threading.Event()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._baseline = runner.counters()
+        self._t0 = time.perf_counter()
+        self._events = generate(
+            ensemble,
+            Sampler(settings.sampling()).choose,
+            settings.budget(),
+            self.stats,
+            self._stop.is_set,
+        )
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for event in self._events:
+                self.data += event.text
+                text = self._decoder.decode(event.text)
+                self.text += text
+                yield Chunk(event, text)
+        except LvrError as e:
+            self.error, self.stats.stop_reason = str(e), "error"
+            raise
+        tail = self._decoder.decode(b"", final=True)
+        self.text += tail
+
+    def stop(self) -> None:
+        """Ask the run to end after the current piece (stop reason 'stopped')."""
+        self._stop.set()
+
+    def interrupt(self) -> None:
+        """The caller caught Ctrl-C: end here, keeping the text (stop reason 'interrupted')."""
+        self._events.close()
+        self.stats.stop_reason = "interrupted"
+
+    def figures(self) -> LiveFigures:
+        """Counters since the run began, for live panels."""
+        now = self.runner.counters()
+        pruned = self.ensemble.pruned_mass()
+        members = tuple(
+            MemberFigures(
+                name=m.name,
+                forward_passes=now[i]["forward_passes"] - self._baseline[i]["forward_passes"],
+                cache_hits=now[i]["cache_hits"] - self._baseline[i]["cache_hits"],
+                alive=now[i]["alive_sequences"],
+                pruned=pruned[i] if i < len(pruned) else 0.0,
+            )
+            for i, m in enumerate(self.ensemble.members)
+        )
+        seconds = time.perf_counter() - self._t0
+        return LiveFigures(self.stats.pieces, len(self.data), seconds, members)
+
+    def record(self) -> dict[str, Any]:
+        """The run's JSON record: text, counts, stop reason, settings and each model."""
+        ens, settings = self.ensemble, self.settings
+        record: dict[str, Any] = {
+            "text": self.text,
+            "pieces": self.stats.pieces,
+            "bytes": len(self.data),
+            "seconds": round(self.stats.seconds, 3),
+            "stop_reason": self.stats.stop_reason,
+            "sub_vocab": ens.sub.describe(),
+            "method": settings.method,
+            "combine": settings.combine,
+            "models_at_once": ens.concurrent,
+            "models": [
+                {"name": m.name, "weight": m.weight, "n_threads": b.n_threads, **vars(b.counters)}
+                for m, b in zip(ens.members, self.runner.backends, strict=True)
+            ],
+        }
+        if self.error is not None:
+            record["error"] = self.error
+        return record

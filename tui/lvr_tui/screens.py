@@ -1,0 +1,543 @@
+"""Screens: the chat, the settings modal and the list of saved conversations."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Grid, Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import (
+    Button,
+    Footer,
+    Header,
+    Input,
+    Label,
+    OptionList,
+    Select,
+    Static,
+    TextArea,
+)
+from textual.widgets.option_list import Option
+
+from lvr_local.core.chat import Message as ChatMessage
+from lvr_local.core.combine import RULES
+from lvr_local.decoding.ensemble import METHODS, PieceEvent
+from lvr_local.errors import LvrError
+from lvr_local.runner.run import LiveFigures, ModelInfo, Run, Runner
+from lvr_local.runner.settings import RunSettings, with_overrides
+from lvr_tui.transcript import (
+    ConversationLog,
+    PieceRecord,
+    SavedConversation,
+    list_conversations,
+    new_header,
+    read_conversation,
+)
+from lvr_tui.widgets import (
+    AssistantMessage,
+    Conversation,
+    ModelPanel,
+    PromptBox,
+    UserMessage,
+    piece_detail,
+)
+
+if TYPE_CHECKING:
+    from lvr_tui.app import LvrApp
+
+
+# ------------------------------------------------------------- worker -> UI messages
+
+
+class LoadProgress(Message):
+    def __init__(self, label: str, done: int, total: int) -> None:
+        super().__init__()
+        self.label, self.done, self.total = label, done, total
+
+
+class EnsembleReady(Message):
+    """Models loaded (or the ensemble rebuilt after a settings change)."""
+
+    def __init__(self, infos: list[ModelInfo], description: str) -> None:
+        super().__init__()
+        self.infos, self.description = infos, description
+
+
+class WorkerFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class PieceGenerated(Message):
+    def __init__(
+        self, reply: AssistantMessage, piece: PieceRecord, event: PieceEvent, figures: LiveFigures
+    ) -> None:
+        super().__init__()
+        self.reply, self.piece, self.event, self.figures = reply, piece, event, figures
+
+
+class GenerationEnded(Message):
+    def __init__(
+        self,
+        reply: AssistantMessage,
+        text: str,
+        stop_reason: str,
+        figures: LiveFigures | None,
+        error: str | None,
+    ) -> None:
+        super().__init__()
+        self.reply, self.text, self.stop_reason = reply, text, stop_reason
+        self.figures, self.error = figures, error
+
+
+STOP_REASONS = {
+    "end": "done",
+    "max_pieces": "max length reached",
+    "stopped": "stopped",
+    "error": "failed",
+}
+
+
+class ChatScreen(Screen[None]):
+    """The conversation, the prompt box and the model panel. It presents; the runner
+    decodes in one worker thread at a time and posts its results back as messages."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_chat", "New"),
+        Binding("ctrl+o", "open_list", "Open"),
+        Binding("ctrl+t", "toggle_attribution", "Attribution"),
+        Binding("ctrl+s", "settings", "Settings"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[ChatMessage] = []
+        self.log_file: ConversationLog | None = None
+        self.reply: AssistantMessage | None = None  # the reply being generated
+        self.busy = False  # a worker holds the ensemble (loading, rebuilding, generating)
+
+    @property
+    def lvr(self) -> LvrApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="chat-column"):
+                yield Conversation(id="conversation")
+                yield Static("", id="detail")
+                yield PromptBox(id="prompt", placeholder="Message (Enter send, Ctrl+J newline)")
+            yield ModelPanel(id="panel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(PromptBox).focus()
+        if self.lvr.runner is not None:
+            self.busy = True
+            self.load_models()
+
+    # ------------------------------------------------------------- loading
+
+    @work(thread=True, group="ensemble")
+    def load_models(self) -> None:
+        runner = self.lvr.runner
+        assert runner is not None
+        try:
+            with self.lvr.lock:
+                runner.load(
+                    lambda label, done, total: self.post_message(LoadProgress(label, done, total))
+                )
+                ready = EnsembleReady(runner.model_infos(), describe(runner))
+            self.post_message(ready)
+        except Exception as e:
+            self.post_message(WorkerFailed(_error_text(e)))
+
+    @work(thread=True, group="ensemble")
+    def rebuild(self, settings: RunSettings) -> None:
+        runner = self.lvr.runner
+        assert runner is not None
+        try:
+            with self.lvr.lock:
+                runner.settings = settings
+                ready = EnsembleReady(runner.model_infos(), describe(runner))
+            self.post_message(ready)
+        except Exception as e:
+            self.post_message(WorkerFailed(_error_text(e)))
+
+    def on_load_progress(self, message: LoadProgress) -> None:
+        self.query_one(ModelPanel).show_progress(message.label, message.done, message.total)
+
+    async def on_ensemble_ready(self, message: EnsembleReady) -> None:
+        self.busy = False
+        self.app.sub_title = message.description
+        panel = self.query_one(ModelPanel)
+        if not panel.cards:
+            await panel.show_models(message.infos)
+        self.notify(f"ready: {message.description}", timeout=3)
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        self.busy = False
+        self.query_one(ModelPanel).show_progress(message.error, 0, 1)
+        self.notify(message.error, title="Error", severity="error", timeout=10)
+
+    # ------------------------------------------------------------- sending
+
+    @on(PromptBox.Submitted)
+    async def send(self, message: PromptBox.Submitted) -> None:
+        problem = self._cannot_send()
+        models = self._model_choices() if problem is None else None
+        if problem is not None or models is None:
+            if problem is not None:
+                self.notify(problem, severity="warning")
+            self.query_one(PromptBox).text = message.text
+            return
+        text = message.text.rstrip("\n")
+        self.history.append(ChatMessage("user", text))
+        self._log().message("user", text)
+        conversation = self.query_one(Conversation)
+        await conversation.mount(UserMessage(text))
+        reply = AssistantMessage([m.name for m in self.lvr.model_infos()])
+        await conversation.mount(reply)
+        conversation.anchor()
+        self.reply = reply
+        self.busy = True
+        self.lvr.stop_event = threading.Event()
+        system_prompt = self.lvr.system_prompt
+        system = [ChatMessage("system", system_prompt)] if system_prompt else []
+        self.generate(
+            reply,
+            [*system, *self.history],
+            self.lvr.settings,
+            models,
+            self._log(),
+            self.lvr.stop_event,
+        )
+
+    def _cannot_send(self) -> str | None:
+        if self.lvr.runner is None:
+            return "no models: fix the configuration and restart"
+        if self.reply is not None:
+            return "a reply is being generated: wait, or press Esc to stop it"
+        if self.busy or not self.lvr.runner.loaded:
+            return "the models are still loading"
+        return None
+
+    def _model_choices(self) -> list[tuple[float, bool]] | None:
+        """Each model's (weight, enabled) from the panel, or None after telling why not."""
+        choices = []
+        for card in self.query_one(ModelPanel).cards:
+            try:
+                weight = float(card.weight_text)
+            except ValueError:
+                self.notify(
+                    f"weight of {card.info.name} must be a number, got '{card.weight_text}'",
+                    severity="error",
+                )
+                return None
+            choices.append((weight, card.enabled))
+        return choices
+
+    def _log(self) -> ConversationLog:
+        if self.log_file is None:
+            names = [m.name for m in self.lvr.model_infos()]
+            self.log_file = ConversationLog(header=new_header(names, self.lvr.settings_record()))
+        return self.log_file
+
+    @work(thread=True, group="ensemble")
+    def generate(
+        self,
+        reply: AssistantMessage,
+        messages: Sequence[ChatMessage],
+        settings: RunSettings,
+        models: list[tuple[float, bool]],
+        log: ConversationLog,
+        stop: threading.Event,
+    ) -> None:
+        """Pull pieces in this thread; post each to the UI and append it to the log."""
+        runner = self.lvr.runner
+        assert runner is not None
+        run: Run | None = None
+        error = None
+        with self.lvr.lock:
+            try:
+                runner.set_weights([w for w, _ in models])
+                runner.set_enabled([on for _, on in models])
+                run = runner.chat(messages, settings, stop)
+                for chunk in run:
+                    e = chunk.event
+                    piece = PieceRecord(chunk.text, e.dominant, e.member_probs, e.prob)
+                    if piece.text:
+                        log.piece(piece)
+                    self.post_message(PieceGenerated(reply, piece, e, run.figures()))
+            except Exception as e:
+                error = _error_text(e)
+            figures = run.figures() if run is not None and runner.loaded else None
+        text = run.text if run is not None else ""
+        reason = "error" if error else run.stats.stop_reason if run is not None else "error"
+        if text or not error:
+            weights = [w for w, _ in models]
+            pieces = run.stats.pieces if run is not None else 0
+            log.message("assistant", text, stop_reason=reason, pieces=pieces, weights=weights)
+        self.post_message(GenerationEnded(reply, text, reason, figures, error))
+
+    async def on_piece_generated(self, message: PieceGenerated) -> None:
+        self.query_one("#figures").show(message.figures)  # type: ignore[attr-defined]
+        if message.reply.is_attached:
+            message.reply.events.append(message.event)
+            if message.piece.text:
+                await message.reply.add_piece(message.piece)
+
+    async def on_generation_ended(self, message: GenerationEnded) -> None:
+        if message.figures is not None:
+            self.query_one("#figures").show(message.figures)  # type: ignore[attr-defined]
+        if message.reply.is_attached:
+            status = STOP_REASONS.get(message.stop_reason, message.stop_reason)
+            await message.reply.finish(f"[{status}]" if status != "done" else "")
+            if self.has_class("-attribution"):
+                self.query_one(Conversation).select_last()
+        if message.reply is self.reply:
+            self.reply = None
+            self.busy = False
+            if message.text or not message.error:
+                self.history.append(ChatMessage("assistant", message.text))
+        if message.error:
+            self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+
+    # ------------------------------------------------------------- actions
+
+    def action_stop(self) -> None:
+        if self.reply is not None and self.lvr.stop_event is not None:
+            self.lvr.stop_event.set()
+
+    async def action_new_chat(self) -> None:
+        self.action_stop()
+        await self._clear()
+        self.notify("new conversation", timeout=2)
+
+    async def _clear(self) -> None:
+        self.reply = None
+        self.busy = self.lvr.runner is not None and not self.lvr.runner.loaded
+        self.history = []
+        if self.log_file is not None:
+            self.log_file.close()
+        self.log_file = None
+        await self.query_one(Conversation).remove_children()
+        self.query_one("#detail", Static).update("")
+
+    def action_toggle_attribution(self) -> None:
+        self.toggle_class("-attribution")
+        conversation = self.query_one(Conversation)
+        if self.has_class("-attribution"):
+            conversation.focus()
+            conversation.select_last()
+        else:
+            self.query_one(PromptBox).focus()
+
+    def on_conversation_piece_selected(self, message: Conversation.PieceSelected) -> None:
+        piece = message.reply.pieces[message.index]
+        names = [m.name for m in self.lvr.model_infos()]
+        self.query_one("#detail", Static).update(piece_detail(piece, message.index, names))
+
+    def action_settings(self) -> None:
+        form = SettingsScreen(self.lvr.settings, self.lvr.system_prompt)
+        self.app.push_screen(form, self._apply_settings)
+
+    def _apply_settings(self, chosen: tuple[RunSettings, str] | None) -> None:
+        if chosen is None or chosen == (self.lvr.settings, self.lvr.system_prompt):
+            return
+        old = self.lvr.settings
+        self.lvr.settings, system_prompt = chosen
+        if self.log_file is not None and system_prompt != self.lvr.system_prompt:
+            self.log_file.append({"type": "settings", "system_prompt": system_prompt})
+        self.lvr.system_prompt = system_prompt
+        runner = self.lvr.runner
+        if (
+            runner is not None
+            and runner.loaded
+            and (self.lvr.settings.ensemble_key() != old.ensemble_key())
+        ):
+            self.busy = True
+            self.notify("rebuilding the ensemble …", timeout=2)
+            self.rebuild(self.lvr.settings)
+
+    def action_open_list(self) -> None:
+        self.app.push_screen(ConversationsScreen(), self._open)
+
+    async def _open(self, path: Path | None) -> None:
+        if path is None:
+            return
+        self.action_stop()
+        try:
+            saved = read_conversation(path)
+        except OSError as e:
+            self.notify(f"cannot read {path}: {e}", severity="error")
+            return
+        await self._clear()
+        await self._show_saved(saved)
+
+    async def _show_saved(self, saved: SavedConversation) -> None:
+        conversation = self.query_one(Conversation)
+        names = [m.name for m in self.lvr.model_infos()]
+        for m in saved.messages:
+            if m.role == "user":
+                await conversation.mount(UserMessage(m.content))
+            elif m.role == "assistant":
+                reply = AssistantMessage(names)
+                await conversation.mount(reply)
+                status = STOP_REASONS.get(m.stop_reason, m.stop_reason)
+                await reply.show_saved(
+                    m.content, m.pieces, f"[{status}]" if status not in ("done", "") else ""
+                )
+            self.history.append(ChatMessage(m.role, m.content))
+        self.log_file = ConversationLog(saved.path)
+        self.lvr.system_prompt = saved.system_prompt
+        conversation.scroll_end(animate=False)
+        self.notify(f"opened {saved.path.name}", timeout=2)
+
+
+def describe(runner: Runner) -> str:
+    """The header's line: sub-vocabulary, method and combination rule."""
+    ens, settings = runner.ensemble, runner.settings
+    return f"{ens.sub.describe()} · {settings.method} {settings.combine}"
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, LvrError):
+        return str(error)
+    return f"unexpected error: {type(error).__name__}: {error}"
+
+
+# ------------------------------------------------------------- settings
+
+
+class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
+    """Edits the run settings and the system prompt; values are checked by the same
+    rules as models.toml's (runner/settings.py). Fields are named as the settings are."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    # (setting, label, hint, how to read the text); the selects are method and combine.
+    FIELDS: ClassVar[tuple[tuple[str, str, str, type], ...]] = (
+        ("sub_vocab", "sub-vocab", "mcv | bytes | maxlen:K", str),
+        ("temperature", "temperature", "0 = greedy", float),
+        ("top_p", "top-p", "(0, 1]", float),
+        ("top_k", "top-k", "0 = off", int),
+        ("min_p", "min-p", "[0, 1), 0 = off", float),
+        ("prune", "prune", "branch share, [0, 1)", float),
+        ("max_pieces", "max length", "pieces", int),
+    )
+
+    def __init__(self, settings: RunSettings, system_prompt: str) -> None:
+        super().__init__()
+        self.settings = settings
+        self.system_prompt = system_prompt
+
+    def compose(self) -> ComposeResult:
+        s = self.settings
+        with Vertical(id="settings-dialog"):
+            yield Label("Settings", classes="dialog-title")
+            with Grid(id="settings-grid"):
+                yield from _select("method", "method", METHODS, s.method)
+                yield from _select("combine", "combine", RULES, s.combine)
+                for key, label, hint, _ in self.FIELDS:
+                    yield from _field(label, key, _shown(getattr(s, key)), hint)
+                seed = "" if s.seed is None else str(s.seed)
+                yield from _field("seed", "seed", seed, "empty = random")
+            yield Label("system prompt")
+            yield TextArea(self.system_prompt, id="system_prompt", compact=True)
+            with Horizontal(id="settings-buttons"):
+                yield Button("Apply", variant="primary", id="apply")
+                yield Button("Cancel", id="cancel")
+
+    def _value(self, field_id: str) -> str:
+        return self.query_one(f"#{field_id}", Input).value.strip()
+
+    def read(self) -> tuple[RunSettings, str]:
+        """The form's settings and system prompt; LvrError says which field is wrong."""
+        values: dict[str, object] = {}
+        for key, label, _, kind in self.FIELDS:
+            try:
+                values[key] = kind(self._value(key))
+            except ValueError:
+                raise LvrError(f"{label} must be a number") from None
+        seed_text = self._value("seed")
+        try:
+            values["seed"] = int(seed_text) if seed_text else None
+        except ValueError:
+            raise LvrError("seed must be an integer or empty") from None
+        for key in ("method", "combine"):
+            values[key] = str(self.query_one(f"#{key}", Select).value)
+        settings = with_overrides(self.settings, "settings", **values)
+        if values["seed"] is None:
+            settings = replace(settings, seed=None)
+        return settings, self.query_one("#system_prompt", TextArea).text.strip()
+
+    @on(Button.Pressed, "#apply")
+    @on(Input.Submitted)
+    def apply(self) -> None:
+        """Apply (or Enter in any field): close with the new settings, or say what is wrong."""
+        try:
+            chosen = self.read()
+        except LvrError as e:
+            self.notify(str(e), title="Bad setting", severity="error")
+            return
+        self.dismiss(chosen)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _select(label: str, field_id: str, options: Sequence[str], value: str) -> ComposeResult:
+    yield Label(label)
+    yield Select(
+        [(o, o) for o in options], value=value, allow_blank=False, compact=True, id=field_id
+    )
+
+
+def _field(label: str, field_id: str, value: str, hint: str) -> ComposeResult:
+    yield Label(label)
+    yield Input(value, placeholder=hint, id=field_id, compact=True)
+
+
+# ------------------------------------------------------------- conversations
+
+
+class ConversationsScreen(ModalScreen[Path | None]):
+    """Saved conversations, newest first; Enter reopens one."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Close")]
+
+    def compose(self) -> ComposeResult:
+        saved = list_conversations()
+        with Vertical(id="conversations-dialog"):
+            yield Label(f"Saved conversations ({len(saved)})", classes="dialog-title")
+            if saved:
+                yield OptionList(*(_option(c) for c in saved), id="conversation-list")
+            else:
+                yield Label("none yet: a conversation is saved as soon as you send a message")
+
+    @on(OptionList.OptionSelected)
+    def chosen(self, message: OptionList.OptionSelected) -> None:
+        self.dismiss(Path(message.option.id or ""))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def _option(convo: SavedConversation) -> Option:
+    created = convo.created.replace("T", " ")[:16]
+    return Option(f"{created}  {len(convo.messages):>3} msgs  {convo.title}", id=str(convo.path))
