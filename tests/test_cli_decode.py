@@ -149,3 +149,31 @@ def test_bench_json_reports_every_run() -> None:
         assert r["pieces_per_s"] > 0 and r["rows_per_piece"] >= r["forward_passes_per_piece"] > 0
     # Over bytes every piece is one byte.
     assert runs["ensemble bytes"]["bytes_per_s"] == runs["ensemble bytes"]["pieces_per_s"]
+
+
+def test_llama_cpp_log_goes_to_a_file_not_the_terminal(isolated_home: Path) -> None:
+    """llama.cpp's loader chatter (Gemma's SWA cache warning among it) must not reach the
+    terminal, where it would draw over the TUI; it goes to llama.log, or with --verbose
+    also to stderr."""
+    args = ["generate", "Hi", "--raw", "-m", "gemma3-270m", "--max-pieces", "2"]
+    quiet = subprocess.run(
+        [sys.executable, "-m", "lvr_local.cli", *args], capture_output=True, timeout=120
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert b"llama_" not in quiet.stderr and b"llama_" not in quiet.stdout
+    log = (isolated_home / "llama.log").read_text()
+    assert "llama_model_loader" in log and "swa" in log.lower()
+    loud = subprocess.run(
+        [sys.executable, "-m", "lvr_local.cli", "--verbose", *args],
+        capture_output=True,
+        timeout=120,
+    )
+    assert loud.returncode == 0 and b"llama_model_loader" in loud.stderr
+
+
+def test_bench_follows_the_models_asked_for() -> None:
+    code, out = run("bench", "--steps", "2", "-m", "smollm2-135m", "--json")
+    assert code == 0, out
+    report = json.loads(out[out.index("{") :])
+    assert set(report["native_tokens_per_s"]) == {"smollm2-135m"}
+    assert all(len(r["threads"]) == 1 for r in report["ensembles"].values())

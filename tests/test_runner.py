@@ -1,0 +1,74 @@
+"""The runner every front end uses, on a real bundled model: loading with progress,
+settings that rebuild the ensemble only when they shape it, runs as streams that stop
+on request and end in a record."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lvr_local.core.chat import Message
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.run import Runner
+from lvr_local.runner.settings import RunSettings
+
+SETTINGS = RunSettings(n_ctx=1024, max_pieces=40)
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2_path: Path) -> Iterator[Runner]:
+    steps: list[tuple[str, int, int]] = []
+    spec = ModelSpec(name="smol", source=str(smollm2_path))
+    with Runner([spec], SETTINGS) as r:
+        r.load(lambda label, done, total: steps.append((label, done, total)))
+        assert [done for _, done, _ in steps] == [0, 1, 2] and steps[-1][0] == "ready"
+        yield r
+
+
+def test_a_run_streams_chunks_and_ends_in_a_record(runner: Runner) -> None:
+    run = runner.chat([Message("user", "Name three colours.")])
+    chunks = list(run)
+    assert chunks and "".join(c.text for c in chunks) == run.text
+    assert run.data.decode("utf-8") == run.text
+    record = run.record()
+    assert record["pieces"] == run.stats.pieces >= len(chunks)
+    assert record["method"] == "lossless" and record["combine"] == "mean"
+    assert record["stop_reason"] in ("end", "max_pieces")
+    assert record["models"][0]["forward_passes"] > 0
+
+
+def test_stop_from_another_thread_ends_after_the_current_piece(runner: Runner) -> None:
+    stop = threading.Event()
+    run = runner.complete(b"Once upon a time", stop=stop)
+    seen = 0
+    for _ in run:
+        seen += 1
+        if seen == 3:
+            threading.Thread(target=stop.set).start()
+            threading.Event().wait(0.05)
+    assert run.stats.stop_reason == "stopped" and seen == 3
+    figures = run.figures()
+    assert figures.pieces == 3 and figures.members[0].forward_passes >= 3
+
+
+def test_only_settings_that_shape_the_ensemble_rebuild_it(runner: Runner) -> None:
+    first = runner.ensemble
+    runner.settings = replace(SETTINGS, temperature=0.7, top_p=0.9, max_pieces=5)
+    assert runner.ensemble is first
+    runner.settings = replace(SETTINGS, combine="max")
+    rebuilt = runner.ensemble
+    assert rebuilt is not first and rebuilt.rule == "max"
+    runner.settings = SETTINGS
+
+
+def test_scoring_is_a_stream_of_bytes_then_a_record(runner: Runner) -> None:
+    scoring = runner.score(b" sat", b"The cat")
+    events = list(scoring)
+    assert [e.text for e in events] == [b" ", b"s", b"a", b"t"]
+    record = scoring.record()
+    assert record["n_bytes"] == 4
+    assert abs(record["models"]["smol"]["logprob"] - sum(e.logprob for e in events)) < 1e-9
