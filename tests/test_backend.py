@@ -375,3 +375,70 @@ def test_misuse_is_a_clear_error(smollm2_path: Path) -> None:
         LlamaBackend(smollm2_path, n_ctx=512, n_seq_max=0)
     with pytest.raises(LvrError, match=r"n_batch \(32\) must be at least n_seq_max \(64\)"):
         LlamaBackend(smollm2_path, n_ctx=512, n_seq_max=64, n_batch=32)
+
+
+# ----- the exact path: bit for bit, whatever happened before ------------------------------
+
+
+class FreshOneByOne:
+    """The exact path's truth: an empty context that evaluates a token sequence one token
+    per llama_decode, on one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = LlamaModel(path)
+        self.ctx = LlamaContext(self.model, n_ctx=512, n_batch=8, n_seq_max=1, n_threads=1)
+        self.batch = LlamaBatch(1)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+
+    def row(self, tokens: Sequence[int]) -> np.ndarray:
+        self.ctx.clear()
+        for pos, token in enumerate(tokens):
+            self.batch.fill([token], [pos], [0], [pos == len(tokens) - 1])
+            assert self.ctx.decode(self.batch) == 0
+        return self.ctx.logits_row(0, self.n_vocab).copy()
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()
+
+
+@pytest.mark.parametrize(("n_ctx", "n_seq_max"), [(512, 8), (160, 3)])
+def test_exact_path_equals_a_fresh_evaluation_bit_for_bit(
+    smollm2_path: Path, n_ctx: int, n_seq_max: int
+) -> None:
+    """Branches, releases, evictions, prompt changes and (with 160 cells) restarts from
+    the prompt, on two threads and batches of many rows: every row on the exact path is
+    the very row a fresh one-token-at-a-time evaluation gives."""
+    fresh = FreshOneByOne(smollm2_path)
+    with LlamaBackend(
+        smollm2_path, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=64, n_threads=2
+    ) as backend:
+        backend.set_exact(True)
+        prompt = backend.tokenize(PROMPT, True, False)
+        for round_ in range(2):
+            backend.set_prompt(prompt[: len(prompt) - round_])  # a changed prompt, warm
+            base = backend.prompt
+            for prefixes, rows in random_workload(backend, 5 + round_, 25, releases=True):
+                backend.verify_cache()
+                for i in {0, len(prefixes) - 1}:
+                    expected = fresh.row(base + list(prefixes[i]))
+                    assert np.array_equal(rows[i], expected), prefixes[i]
+        if n_ctx == 160:
+            assert backend.counters.restarts > 0
+        assert backend.counters.sequence_copies > 0
+    fresh.close()
+
+
+def test_the_fast_path_is_what_the_exact_path_is_not(smollm2_path: Path) -> None:
+    """Guard for the test above: without the exact path, the same workload does move rows
+    (so that test could fail)."""
+    fresh = FreshOneByOne(smollm2_path)
+    with LlamaBackend(smollm2_path, n_ctx=160, n_seq_max=3, n_batch=64, n_threads=2) as backend:
+        prompt = backend.tokenize(PROMPT, True, False)
+        backend.set_prompt(prompt)
+        differs = 0
+        for prefixes, rows in random_workload(backend, 5, 25, releases=True):
+            differs += not np.array_equal(rows[-1], fresh.row(prompt + list(prefixes[-1])))
+        assert differs > 0
+    fresh.close()

@@ -22,7 +22,7 @@ from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import Config, ModelSpec, load_config
 from lvr_local.runner.run import Runner
-from lvr_local.runner.settings import RunSettings, with_overrides
+from lvr_local.runner.settings import NUMERICS, RunSettings, with_overrides
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -125,6 +125,13 @@ model_options = _options(
             help="Keep at most this many tokenization branches per model (0 = no cap).",
         ),
         click.option(
+            "--numerics",
+            type=click.Choice(NUMERICS),
+            help="llama.cpp's arithmetic: exact (every token alone, results independent of "
+            "batching and cache state), fast (batched), auto (exact for scoring, fast for "
+            "generation).",
+        ),
+        click.option(
             "--token-top-k",
             type=int,
             help="K-LVR: keep only the K most likely tokens of each branch (0 = all).",
@@ -147,6 +154,7 @@ sampling_options = _options(
 
 # Flags that are run settings, by their settings name (click's parameter names).
 SETTING_FLAGS = (
+    "numerics",
     "sub_vocab",
     "method",
     "combine",

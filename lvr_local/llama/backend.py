@@ -48,7 +48,8 @@ class BackendCounters:
     cache_hits: tokens not evaluated thanks to reuse: prompt tokens kept from the
     previous prompt, plus prefixes answered from the logits cache.
     sequence_copies / evictions: branches made by copying a sequence / sequences
-    reclaimed for lack of sequence ids or KV cells.
+    reclaimed for lack of sequence ids or KV cells. restarts: times the exact path ran
+    out of cells and started again from the prompt.
     """
 
     forward_passes: int = 0
@@ -56,6 +57,7 @@ class BackendCounters:
     cache_hits: int = 0
     sequence_copies: int = 0
     evictions: int = 0
+    restarts: int = 0
     alive_sequences: int = 0
     kv_cells_used: int = 0
     peak_kv_cells: int = 0
@@ -118,28 +120,52 @@ class LlamaBackend:
             self._ctx = LlamaContext(
                 self._model,
                 n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_seq_max=n_seq_max,
+                n_batch=max(n_batch, n_seq_max + 1),  # llama.cpp wants n_batch >= n_seq_max
+                n_seq_max=n_seq_max + 1,  # one more: the pin of the exact path
                 n_threads=self.n_threads,
                 n_ubatch=n_ubatch,
+                n_gpu_layers=n_gpu_layers,
             )
-            self._batch = LlamaBatch(self._ctx.n_batch)
+            self._batch = LlamaBatch(n_batch)
         except BaseException:
             self.close()
             raise
         self.path = path
         self._n_vocab = L.llama_vocab_n_tokens(self._model.vocab)
-        self._cache = PrefixCache(self._ctx, self._ctx.n_seq_max)
+        self._cache = PrefixCache(self._ctx, n_seq_max, pin=n_seq_max)
         self._prompt: list[int] = []
+        self._prompt_exact = False  # how the cached prompt's cells were computed
+        self.exact = False
+        self._restarted = False  # the exact path just started again from the prompt
         self.counters = BackendCounters()
 
+    def set_exact(self, exact: bool) -> None:
+        """The exact numeric path (docs/algorithm.md §8): every row equals what a fresh
+        context gives when it evaluates the same tokens one at a time, whatever was
+        batched, branched, released or cached before. Three things make it so:
+        - every token is decoded alone (llama.cpp picks other kernels for other batch
+          shapes, and the KV values they write differ too);
+        - one thread (flash attention splits a long cache among the threads, and the
+          split changes the rounding);
+        - each sequence's cells stay in position order (append-only cache, see
+          prefix_cache.py).
+        On a CPU it costs little for branches (a batch of B rows costs about B forward
+        passes anyway) and more for long prompts, evaluated one token at a time."""
+        self.exact = bool(exact)
+        self._cache.append_only = self.exact
+        self._apply_threads()
+
     def set_threads(self, n_threads: int) -> None:
-        """Change the CPU threads of later decodes (an ensemble shares the cores out)."""
+        """Change the CPU threads of later decodes (an ensemble shares the cores out).
+        The exact path keeps using one."""
         if n_threads < 1:
             raise LvrError(f"n_threads must be >= 1, got {n_threads}")
-        assert self._ctx is not None
-        self._ctx.set_threads(n_threads)
         self.n_threads = n_threads
+        self._apply_threads()
+
+    def _apply_threads(self) -> None:
+        assert self._ctx is not None
+        self._ctx.set_threads(1 if self.exact else self.n_threads)
 
     # ----- NextTokenModel ---------------------------------------------------------
 
@@ -157,7 +183,11 @@ class LlamaBackend:
         self.counters.cache_hits += sum(1 for n in nodes if n.row is not None)
         while missing:
             steps, missing = self._cache.plan(missing)
-            self._decode_steps(steps)
+            try:
+                self._decode_steps(steps)
+            except _CellsExhausted:
+                self._restart_from_prompt()
+                missing = list(dict.fromkeys(n for n in nodes if n.row is None))
         self._update_gauges()
         return [n.row for n in nodes]  # every node has its row now
 
@@ -175,14 +205,22 @@ class LlamaBackend:
         self._check_open()
         tokens = [int(t) for t in tokens]
         self._check_prompt(tokens)
-        if tokens == self._prompt:
+        if tokens == self._prompt and self._prompt_exact == self.exact:
             self.counters.cache_hits += len(tokens)
             return
         seq, shared = self._cache.best_sequence(self._prompt, tokens)
         keep = min(shared, len(tokens) - 1)  # the last token is re-run for its logits
-        self._prompt = []
+        if self._prompt_exact != self.exact:
+            keep = 0  # cells computed on the other numeric path: recompute them all
+        self._prompt, self._prompt_exact = [], self.exact
         keep = self._cache.begin_prompt(seq, keep)
-        self._decode_prompt_tail(seq, tokens, keep)
+        try:
+            if self.exact and keep == 0:
+                raise _CellsExhausted  # start from an empty memory: cells in order
+            self._decode_prompt_tail(seq, tokens, keep)
+        except _CellsExhausted:
+            self._prompt = tokens
+            self._restart_from_prompt()
         self._prompt = tokens
         self.counters.cache_hits += keep
         self._update_gauges()
@@ -192,9 +230,10 @@ class LlamaBackend:
         return list(self._prompt)
 
     def _decode_prompt_tail(self, seq: int, tokens: list[int], start: int) -> None:
-        """Evaluate tokens[start:] on `seq`, n_batch at a time; keep the last row."""
+        """Evaluate tokens[start:] on `seq`, n_batch at a time (one at a time when exact);
+        keep the last row."""
         assert self._ctx is not None and self._batch is not None
-        n_batch = self._batch.capacity
+        n_batch = 1 if self.exact else self._batch.capacity
         for lo in range(start, len(tokens), n_batch):
             chunk = tokens[lo : lo + n_batch]
             want = [False] * len(chunk)
@@ -230,8 +269,8 @@ class LlamaBackend:
 
     @property
     def n_seq_max(self) -> int:
-        assert self._ctx is not None
-        return self._ctx.n_seq_max
+        """Sequence ids for branches (llama.cpp has one more: the exact path's pin)."""
+        return self._cache.n_seq_max
 
     def verify_cache(self) -> None:
         """Check that llama.cpp's sequences hold exactly what the prefix cache believes
@@ -239,7 +278,7 @@ class LlamaBackend:
         self._check_open()
         assert self._ctx is not None
         expected = self._cache.sequence_lengths()
-        for seq in range(self._ctx.n_seq_max):
+        for seq in range(self._cache.n_seq_max):
             length = expected.get(seq, 0)
             want = (0, length - 1) if length else (-1, -1)
             got = self._ctx.seq_pos_range(seq)
@@ -253,8 +292,9 @@ class LlamaBackend:
         assert self._batch is not None
         busy = {s.seq for s in steps}
         n_prompt = self._cache.n_prompt
-        for lo in range(0, len(steps), self._batch.capacity):
-            chunk = steps[lo : lo + self._batch.capacity]
+        size = 1 if self.exact else self._batch.capacity
+        for lo in range(0, len(steps), size):
+            chunk = steps[lo : lo + size]
             self._batch.fill(
                 [s.node.token for s in chunk],
                 [n_prompt + s.node.depth - 1 for s in chunk],
@@ -270,14 +310,18 @@ class LlamaBackend:
 
     def _decode(self, busy: set[int]) -> None:
         """One llama_decode of the filled batch; on a full KV cache, free cells outside
-        `busy` (the sequences of this round) and retry."""
+        `busy` (the sequences of this round) and retry. The exact path frees nothing in
+        place: it starts again from the prompt (`_restart_from_prompt`)."""
         assert self._ctx is not None and self._batch is not None
         while True:
             status = self._ctx.decode(self._batch)
             self.counters.forward_passes += 1
             if status == 0:
+                self._restarted = False
                 return
-            if status == 1 and self._cache.reclaim(busy):
+            if status == 1 and self.exact and not self._restarted:
+                raise _CellsExhausted
+            if status == 1 and not self.exact and self._cache.reclaim(busy):
                 continue
             if status == 1:
                 raise LvrError(
@@ -286,6 +330,18 @@ class LlamaBackend:
                     "sequences): raise n_ctx, or keep fewer branches alive"
                 )
             raise LvrError(f"llama_decode failed with status {status}: {recent_errors()}")
+
+    def _restart_from_prompt(self) -> None:
+        """The exact path's answer to a full cache: clear llama.cpp's memory and evaluate
+        the prompt again from cell 0. Rows already computed stay valid (they are the
+        same numbers); branches are re-evaluated as they are asked for."""
+        assert self._ctx is not None
+        self._ctx.clear()
+        self._restarted = True
+        self.counters.restarts += 1
+        home = self._cache.home
+        self._cache.forget_cells(home)
+        self._decode_prompt_tail(home, self._prompt, 0)
 
     def _read_row(self, i: int) -> np.ndarray:
         assert self._ctx is not None
@@ -360,12 +416,16 @@ class LlamaBackend:
         self.close()
 
 
+class _CellsExhausted(Exception):
+    """The exact path found no KV cell after all those in use (see set_exact)."""
+
+
 def _check_sizes(n_ctx: int, n_batch: int, n_seq_max: int) -> None:
     if n_ctx < 0:
         raise LvrError(f"n_ctx must be positive (or 0 for the model's own), not {n_ctx}")
     if n_batch < 1:
         raise LvrError(f"n_batch must be at least 1, not {n_batch}")
-    if not 1 <= n_seq_max <= MAX_SEQUENCES:
-        raise LvrError(f"n_seq_max must be between 1 and {MAX_SEQUENCES}, not {n_seq_max}")
+    if not 1 <= n_seq_max < MAX_SEQUENCES:  # one more id is the exact path's pin
+        raise LvrError(f"n_seq_max must be between 1 and {MAX_SEQUENCES - 1}, not {n_seq_max}")
     if n_seq_max > n_batch:  # llama.cpp aborts the process on this one
         raise LvrError(f"n_batch ({n_batch}) must be at least n_seq_max ({n_seq_max})")

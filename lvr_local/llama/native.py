@@ -41,10 +41,13 @@ def set_verbose(on: bool) -> None:
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace")
     _recent_log.append(line)
-    if _log is not None:
-        _log.write(line)
-    if _verbose:
-        print(line, end="", file=sys.stderr, flush=True)
+    try:
+        if _log is not None:
+            _log.write(line)
+        if _verbose:
+            print(line, end="", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # a closed file at interpreter exit: nothing to report to
+        pass
 
 
 def _open_log() -> TextIO | None:
@@ -163,6 +166,7 @@ class LlamaContext:
         n_seq_max: int,
         n_threads: int,
         n_ubatch: int | None = None,
+        n_gpu_layers: int = 0,
     ) -> None:
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -178,6 +182,13 @@ class LlamaContext:
         # (Gemma 3) could not do that.
         params.swa_full = True
         params.no_perf = True
+        # Flash attention on the CPU visits a token's cells one by one in buffer order,
+        # skipping masked ones: with each sequence's cells in position order the result
+        # equals a fresh evaluation bit for bit (the exact path relies on it, see
+        # backend.py). On a GPU llama.cpp chooses.
+        params.flash_attn_type = (
+            L.LLAMA_FLASH_ATTN_TYPE_ENABLED if n_gpu_layers == 0 else L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
         _recent_log.clear()
         self.model = model
         self.ptr = L.llama_init_from_model(model.ptr, params)

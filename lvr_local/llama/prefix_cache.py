@@ -15,6 +15,14 @@ The cache decides, the memory (a llama.cpp context) obeys: `plan` issues the seq
 copies and trims at once and returns the tokens to decode; the backend decodes them and
 `commit`s them. One sequence, `home`, is never evicted: it keeps the prompt and the
 latest path between calls so that the next prompt can reuse them.
+
+Append-only mode (the backend's exact numerics): freed cells are never reused. Before a
+sequence lets go of cells, a reserved *pin* sequence takes them over, so llama.cpp
+places every new token after all cells in use, and each sequence's cells stay in
+position order, whatever was branched, released or evicted before. That order is what
+makes a row equal a fresh evaluation bit for bit (llama.cpp's CPU flash attention adds
+a token's cells up in buffer order). When the cells run out, the backend clears the
+whole memory and starts again from the prompt (`forget_cells`).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ SWEEP_MIN = 4096  # new nodes between two sweeps of the trie, at least
 
 
 class KvMemory(Protocol):
-    """The two sequence edits the cache needs (positions [p0, p1), p1 < 0: to the end)."""
+    """The sequence edits the cache needs (positions [p0, p1), p1 < 0: to the end)."""
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
 
@@ -76,9 +84,13 @@ class Step:
 class PrefixCache:
     """Which prefixes are evaluated, where their KV cells live, and their logits rows."""
 
-    def __init__(self, memory: KvMemory, n_seq_max: int) -> None:
+    def __init__(self, memory: KvMemory, n_seq_max: int, pin: int | None = None) -> None:
+        """`n_seq_max` sequence ids 0.. for prefixes; `pin`, another id, for append-only
+        mode (None: that mode is unavailable)."""
         self._memory = memory
         self.n_seq_max = n_seq_max
+        self.pin = pin
+        self.append_only = False
         self.n_prompt = 0
         self.root = Node(-1, None)
         self.home = 0
@@ -111,6 +123,7 @@ class PrefixCache:
         for other in list(self._paths):
             if other != seq:
                 self._free(other)
+        self._pin_cells(seq, keep)
         if not self._memory.seq_rm(seq, keep, -1):
             self._memory.seq_rm(seq, -1, -1)
             keep = 0
@@ -122,6 +135,14 @@ class PrefixCache:
         self._recent.clear()
         self._touch(seq)
         return keep
+
+    def forget_cells(self, seq: int) -> None:
+        """The memory was cleared: no sequence holds any cell, and `seq` is the home of
+        a prompt about to be evaluated again. Nodes keep their rows."""
+        self._paths = {seq: []}
+        self.home = seq
+        self.n_prompt = 0
+        self._touch(seq)
 
     def finish_prompt(self, n_prompt: int, row: np.ndarray) -> None:
         """The prompt's tokens are all in the home sequence; `row` follows its last token."""
@@ -361,7 +382,14 @@ class PrefixCache:
 
     # ----- sequence edits (mirrored in llama.cpp at once) -------------------------------
 
+    def _pin_cells(self, seq: int, p0: int) -> None:
+        """Append-only mode: the pin sequence takes over `seq`'s cells from position p0
+        on, so that removing them from `seq` frees nothing for llama.cpp to reuse."""
+        if self.append_only and self.pin is not None:
+            self._memory.seq_cp(seq, self.pin, p0, -1)
+
     def _trim(self, seq: int, depth: int) -> None:
+        self._pin_cells(seq, self.n_prompt + depth)
         if not self._memory.seq_rm(seq, self.n_prompt + depth, -1):
             raise LvrError(
                 "llama.cpp cannot cut back this model's cache (a recurrent or windowed "
@@ -378,6 +406,7 @@ class PrefixCache:
         self._touch(dst)
 
     def _free(self, seq: int) -> None:
+        self._pin_cells(seq, 0)
         self._memory.seq_rm(seq, -1, -1)
         del self._paths[seq]
         self._last_used.pop(seq, None)

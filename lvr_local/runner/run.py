@@ -170,9 +170,10 @@ class Runner:
     ) -> Run:
         """A reply to a conversation, each member on its own chat template. Setting
         `stop` (from any thread) ends the run after the current piece."""
-        ensemble = self.ensemble_for(settings or self.settings)
+        settings = settings or self.settings
+        ensemble = self._prepare(settings, scoring=False)
         ensemble.start_chat(messages)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, settings, stop)
 
     def complete(
         self,
@@ -181,15 +182,23 @@ class Runner:
         stop: threading.Event | None = None,
     ) -> Run:
         """A continuation of a raw prompt (exact when it ends mid-token)."""
-        ensemble = self.ensemble_for(settings or self.settings)
+        settings = settings or self.settings
+        ensemble = self._prepare(settings, scoring=False)
         ensemble.start_raw(prompt)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, settings, stop)
 
     def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
         returned Scoring for one event per byte, then take its `record()`."""
         settings = replace(self.settings, sub_vocab="bytes")
-        return Scoring(self.ensemble_for(settings), text, prompt)
+        return Scoring(self._prepare(settings, scoring=True), text, prompt)
+
+    def _prepare(self, settings: RunSettings, *, scoring: bool) -> Ensemble:
+        """The ensemble for a run, its members on the numeric path the run needs."""
+        exact = settings.exact_numerics(scoring)
+        for backend in self.backends:
+            backend.set_exact(exact)
+        return self.ensemble_for(settings)
 
     def counters(self) -> list[dict[str, int]]:
         return [vars(b.counters).copy() for b in self.backends]

@@ -20,13 +20,15 @@ from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
 from lvr_local.errors import ConfigError
 
+NUMERICS = ("auto", "exact", "fast")
 SUB_VOCAB_PATTERN = re.compile(r"^(mcv|bytes|maxlen:[1-9][0-9]*)$")
 MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs more
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads. Reduction
+    """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, numerics
+    (auto: exact for scoring, fast for generation; docs/algorithm.md §8). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, prune, max_branches,
     token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed. Budgets:
     max_pieces, max_bytes, stop."""
@@ -34,6 +36,7 @@ class RunSettings:
     n_ctx: int = 4096
     n_gpu_layers: int = 0
     n_threads: int = 0
+    numerics: str = "auto"
     sub_vocab: str = "mcv"
     method: str = "lossless"
     combine: str = "mean"
@@ -48,6 +51,11 @@ class RunSettings:
     max_pieces: int = 256
     max_bytes: int | None = None
     stop: tuple[str, ...] = ()
+
+    def exact_numerics(self, scoring: bool) -> bool:
+        """Whether a run takes llama.cpp's exact path: `auto` means scoring does (its
+        numbers must not move with batching) and generation does not (speed)."""
+        return self.numerics == "exact" or (self.numerics == "auto" and scoring)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
@@ -95,6 +103,7 @@ SCHEMA: dict[str, Check] = {
         "an integer from 0 to 1024 (0 = the cores shared among the models)",
         lambda v: 0 <= v <= 1024,
     ),
+    "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
