@@ -15,7 +15,7 @@ generation.py's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,6 +49,9 @@ class PieceEvent:
     dominant: int  # the member whose weighted probability of it was largest
     pruned: tuple[float, ...]  # each member's share of Q dropped by this step
     byte_level: bool  # emitted during the byte-level phase after a mid-token prompt
+    # The most likely pieces of the combined distribution, (bytes, logprob), most likely
+    # first; END spells b"". Empty unless the step was asked for them (top_n).
+    alternatives: tuple[tuple[bytes, float], ...] = ()
 
     @property
     def prob(self) -> float:
@@ -181,11 +184,16 @@ class Ensemble:
             raise LvrError("every model is disabled, has weight 0, or cannot follow the text")
         return combine(logq[active], [self.members[i].weight for i in active], self.rule)
 
-    def step(self, choose: Callable[[np.ndarray], int], index: int = 0) -> PieceEvent:
-        """One piece: combine, choose, advance every member."""
+    def step(
+        self, choose: Callable[[np.ndarray], int], index: int = 0, top_n: int = 0
+    ) -> PieceEvent:
+        """One piece: combine, choose, advance every member. With top_n > 0 the event
+        also lists the top_n most likely pieces (an API's top logprobs)."""
         logq = self.distributions()
         logp = self.combined(logq)
-        return self._advance(choose(logp), logq, logp, index)
+        alternatives = top_pieces(self._phase_sub, logp, top_n)
+        event = self._advance(choose(logp), logq, logp, index)
+        return replace(event, alternatives=alternatives) if alternatives else event
 
     def force(self, piece: int, index: int = 0) -> PieceEvent:
         """Advance by a given piece (scoring a text), reporting its probabilities."""
@@ -253,6 +261,17 @@ class Ensemble:
         """Release every branch (the members' models stay loaded: their owner frees them)."""
         self._close_states()
         self.scheduler.close()
+
+
+def top_pieces(sub: SubVocabulary, logp: np.ndarray, n: int) -> tuple[tuple[bytes, float], ...]:
+    """The n most likely pieces of `logp` with their log-probabilities, most likely first
+    (impossible pieces left out). A partial sort: O(size) whatever n."""
+    n = min(n, len(logp))
+    if n <= 0:
+        return ()
+    top = np.argpartition(logp, -n)[-n:]
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return tuple((sub.piece_bytes(int(i)), float(logp[i])) for i in top if logp[i] > -np.inf)
 
 
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:

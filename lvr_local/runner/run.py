@@ -167,28 +167,34 @@ class Runner:
         messages: Sequence[Message],
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> Run:
         """A reply to a conversation, each member on its own chat template. Setting
-        `stop` (from any thread) ends the run after the current piece."""
+        `stop` (from any thread) ends the run after the current piece; top_n > 0 lists
+        each piece's top_n most likely alternatives in its event."""
         ensemble = self.ensemble_for(settings or self.settings)
         ensemble.start_chat(messages)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, settings or self.settings, stop, top_n)
 
     def complete(
         self,
         prompt: bytes,
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> Run:
         """A continuation of a raw prompt (exact when it ends mid-token)."""
         ensemble = self.ensemble_for(settings or self.settings)
         ensemble.start_raw(prompt)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, settings or self.settings, stop, top_n)
 
-    def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
+    def score(
+        self, text: bytes, prompt: bytes = b"", settings: RunSettings | None = None
+    ) -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
-        returned Scoring for one event per byte, then take its `record()`."""
-        settings = replace(self.settings, sub_vocab="bytes")
+        returned Scoring for one event per byte, then take its `record()`. `settings`
+        (default: the runner's) choose the method, rule and pruning."""
+        settings = replace(settings or self.settings, sub_vocab="bytes")
         return Scoring(self.ensemble_for(settings), text, prompt)
 
     def counters(self) -> list[dict[str, int]]:
@@ -221,9 +227,11 @@ class Run:
         ensemble: Ensemble,
         settings: RunSettings,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> None:
         """A run over an ensemble whose prompt is already evaluated: the clock and the
-        counters start here, so figures count pieces, not prompt processing."""
+        counters start here, so figures count pieces, not prompt processing. top_n > 0:
+        each event lists its step's top_n most likely pieces."""
         self.runner = runner
         self.ensemble = ensemble
         self.settings = settings
@@ -241,6 +249,7 @@ class Run:
             settings.budget(),
             self.stats,
             self._stop.is_set,
+            top_n,
         )
 
     def __iter__(self) -> Iterator[Chunk]:
