@@ -48,6 +48,7 @@ def create_app(runner: Runner, options: ServerOptions) -> FastAPI:
         version=__version__,
         description="Several local GGUF models as one, behind an OpenAI-compatible API.",
         lifespan=lifespan,
+        strict_content_type=False,  # a body without Content-Type is read as JSON
     )
     names = [m.name for m in runner.members]
     app.state.lvr = ServerState(runner, worker, names, model_entries(runner, int(time.time())))
