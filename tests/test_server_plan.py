@@ -122,3 +122,15 @@ def test_top_pieces_are_the_most_likely_in_order() -> None:
     assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
     assert top_pieces(sub, logp, 0) == ()
     assert len(top_pieces(sub, np.full(sub.size, -np.inf), 3)) == 0  # impossible: left out
+
+
+def test_lvr_serve_refuses_a_bad_flag_before_loading_anything() -> None:
+    from click.testing import CliRunner
+
+    from lvr_local.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--temperature", "-1"])
+    assert result.exit_code == 1
+    assert "Error: command line: 'temperature' must be a number from 0 to 100" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--port", "70000"])
+    assert result.exit_code == 2 and "--port" in result.output
