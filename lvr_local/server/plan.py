@@ -139,8 +139,10 @@ def max_pieces(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, int
 
 # MERGE: presence_penalty / frequency_penalty. Another branch adds these two run
 # settings; once RunSettings has them, return {"presence_penalty": ("presence_penalty",
-# presence), "frequency_penalty": ("frequency_penalty", frequency)} here and drop the
-# refusal (tests/test_server_options.py::test_penalties_are_refused_until_wired).
+# presence), "frequency_penalty": ("frequency_penalty", frequency)} here (their values
+# then pass the settings' checks) and drop the refusal, with its test cases: the
+# penalty rows of tests/test_server_plan.py::test_a_bad_option_is_refused_naming_its_field
+# and the "penalty" case of tests/test_server.py.
 def penalty_settings(presence: float | None, frequency: float | None) -> dict[str, tuple[str, Any]]:
     """The run settings of OpenAI's penalties (range [-2, 2] checked by the schema)."""
     for field, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
