@@ -60,6 +60,7 @@ def test_score_equals_brute_force_sum_over_tokenizations(
     smol: Member, prompt: bytes, mid_token: bool
 ) -> None:
     text = b"t sat" if mid_token else b" sat"
+    smol.backend.set_exact(True)  # type: ignore[attr-defined]  # the same numbers both ways
     ensemble = Ensemble(
         [smol], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
     )
@@ -80,6 +81,7 @@ def test_score_equals_brute_force_sum_over_tokenizations(
 
 
 def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
+    gemma.backend.set_exact(True)  # type: ignore[attr-defined]  # the same numbers both ways
     ensemble = Ensemble(
         [gemma], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
     )
@@ -136,6 +138,46 @@ def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
             ensemble.start_chat([Message("user", "Count from one to ten in words.")])
             cut = b"".join(e.text for e in pieces(ensemble, 12, (stop_at,)))
             assert stop_at.encode() not in cut and text.startswith(cut)
+    finally:
+        ensemble.close()
+
+
+def test_a_stop_string_inside_a_piece_keeps_the_piece_s_head(smol: Member, gemma: Member) -> None:
+    """A stop string that begins inside a multi-byte piece: the text is cut exactly where
+    it begins, and the bytes of that piece before it are kept."""
+    ensemble = Ensemble([smol, gemma])
+    try:
+        ensemble.start_chat([Message("user", "Name three colours.")])
+        events = pieces(ensemble, 12)
+        text = b"".join(e.text for e in events)
+        offset = 0
+        for e in events:  # the first piece with a tail that does not occur before it
+            tail = e.text[1:]
+            if len(e.text) > 1 and tail.isascii() and text.find(tail) == offset + 1:
+                break
+            offset += len(e.text)
+        else:
+            pytest.skip("no multi-byte piece with a fresh tail in this reply")
+        ensemble.start_chat([Message("user", "Name three colours.")])
+        stats = RunStats()
+        cut = list(generate(ensemble, GREEDY.choose, Budget(12, None, (tail.decode(),)), stats))
+        assert b"".join(c.text for c in cut) == text[: offset + 1]
+        assert stats.stop_reason == "stop" and stats.bytes == offset + 1
+    finally:
+        ensemble.close()
+
+
+def test_a_step_can_list_the_most_likely_pieces(smol: Member, gemma: Member) -> None:
+    ensemble = Ensemble([smol, gemma])
+    try:
+        ensemble.start_chat([Message("user", "Count from one to ten in words.")])
+        stats = RunStats()
+        events = list(generate(ensemble, GREEDY.choose, Budget(4), stats, top_n=5))
+        for e in events:
+            texts, logprobs = zip(*e.alternatives, strict=True)
+            assert len(texts) == 5 and list(logprobs) == sorted(logprobs, reverse=True)
+            assert (texts[0], logprobs[0]) == (e.text, e.logprob)  # greedy took the top one
+        assert all(e.alternatives == () for e in pieces(ensemble, 2))  # only when asked
     finally:
         ensemble.close()
 

@@ -117,7 +117,15 @@ model_options = _options(
             "--combine", type=click.Choice(RULES), help="How the models' distributions combine."
         ),
         click.option(
-            "--prune", type=float, help="Drop tokenization branches below this share of the total."
+            "--prune",
+            type=float,
+            help="Generation: drop tokenization branches below this share of the total.",
+        ),
+        click.option(
+            "--text-prune",
+            type=float,
+            help="Known text (scoring, prompt tails): the same, over the mass that can still "
+            "spell the text.",
         ),
         click.option(
             "--max-branches",
@@ -159,6 +167,7 @@ SETTING_FLAGS = (
     "method",
     "combine",
     "prune",
+    "text_prune",
     "max_branches",
     "token_top_k",
     "temperature",

@@ -77,6 +77,21 @@ class DecompositionTables:
         """The piece at position `depth` of each token (caller ensures depth < n_pieces)."""
         return self.seq[self.seq_start[tokens] + depth]
 
+    def agree(self, tokens: np.ndarray, depth: int, ahead: np.ndarray) -> np.ndarray:
+        """Whether each token's pieces from position `depth` on agree with the pieces
+        `ahead` as far as both go (a token may end before `ahead` does, or go past its
+        end): the tokens that can still spell a known text. Caller ensures depth <
+        n_pieces."""
+        remaining = self.n_pieces[tokens].astype(np.int64) - depth
+        ok = np.ones(len(tokens), dtype=bool)
+        start = self.seq_start[tokens] + depth
+        for j in range(min(int(remaining.max(initial=0)), len(ahead))):
+            inside = remaining > j
+            if not inside.any():
+                break
+            ok[inside] &= self.seq[start[inside] + j] == ahead[j]
+        return ok
+
 
 # ---------------------------------------------------------------------------------------
 # Cached access

@@ -7,6 +7,8 @@ appends its most likely such token, so there is one token path and one node.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from lvr_local.core.decompose import DecompositionTables
@@ -64,8 +66,9 @@ class NaiveState:
             self._token_logits = logits
         return self._logq
 
-    def advance(self, piece: int) -> None:
-        """Append `piece`: its most likely exact token joins the path."""
+    def advance(self, piece: int, ahead: Sequence[int] | None = None) -> None:
+        """Append `piece`: its most likely exact token joins the path (one path: a known
+        text ahead changes nothing)."""
         logq = self.next_piece_logprobs()
         if not 0 <= piece < self.sub_size:
             raise LvrError(f"piece id {piece} is outside the sub-vocabulary")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from lvr_local.core.decompose import DecompositionTables, decomposition_tables
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.core.reduction import ImpossiblePieceError, PieceModel
@@ -39,11 +41,16 @@ class BytePhase:
             self._tables = [decomposition_tables(m.vocab, self.sub) for m in self.members]
         return self._tables
 
-    def force_tail(self, member: Member, state: PieceModel, tail: bytes) -> None:
-        """Feed the held-back bytes of the prompt to one member's byte-level state."""
-        for value in tail:
+    def force_tail(
+        self, member: Member, state: PieceModel, tail: bytes, after: bytes = b""
+    ) -> None:
+        """Feed the held-back bytes of the prompt to one member's byte-level state. The
+        tail (and `after`, text known to follow it) is known: pruning keeps the branches
+        that can spell it."""
+        known = byte_pieces(self.sub, tail + after)
+        for i, value in enumerate(tail):
             try:
-                state.advance(self.sub.index[bytes([value])])
+                state.advance(int(known[i]), known[i + 1 :])
             except ImpossiblePieceError as e:
                 raise LvrError(
                     f"model '{member.name}' cannot spell the end of the prompt "
@@ -66,3 +73,9 @@ class BytePhase:
             None if state is None else new_state(i, state.hand_over())
             for i, state in enumerate(states)
         ]
+
+
+def byte_pieces(sub: SubVocabulary, text: bytes) -> np.ndarray:
+    """The piece ids of `text` over the byte sub-vocabulary (int64: slices of it serve
+    as `ahead` without a copy)."""
+    return np.array([sub.index[bytes([b])] for b in text], dtype=np.int64)

@@ -15,7 +15,7 @@ generation.py's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,6 +49,12 @@ class PieceEvent:
     dominant: int  # the member whose weighted probability of it was largest
     pruned: tuple[float, ...]  # each member's share of Q dropped by this step
     byte_level: bool  # emitted during the byte-level phase after a mid-token prompt
+    # The most likely pieces of the combined distribution, (bytes, logprob), most likely
+    # first; END spells b"". Empty unless the step was asked for them (top_n).
+    alternatives: tuple[tuple[bytes, float], ...] = ()
+    # Members that left the generation at this piece: none of their tokenizations can
+    # spell it (a byte their vocabulary lacks, or every way pruned). Never silent.
+    left: tuple[int, ...] = ()
 
     @property
     def prob(self) -> float:
@@ -86,6 +92,7 @@ class Ensemble:
         self._byte_phase = BytePhase(self.members)
         self._states: list[PieceModel | None] = []
         self._live: list[bool] = []
+        self._known = b""
         self._phase_sub = self.sub
 
     # ----------------------------------------------------------------- set-up
@@ -105,12 +112,15 @@ class Ensemble:
         for m, w in zip(self.members, weights, strict=True):
             m.weight = float(w)
 
-    def start_raw(self, text: bytes) -> None:
-        """Condition every enabled member on a raw prompt (may end mid-token)."""
+    def start_raw(self, text: bytes, known: bytes = b"") -> None:
+        """Condition every enabled member on a raw prompt (may end mid-token). `known`:
+        text known to follow the prompt (a scored text), for pruning the forced tail."""
+        self._known = known
         self._start(lambda m: prepare_raw(m.backend, m.vocab, text))
 
     def start_chat(self, messages: Sequence[Message]) -> None:
         """Condition every enabled member on a conversation, each with its own template."""
+        self._known = b""
         self._start(
             lambda m: prepare_chat(m.backend, format_chat(m.chat_template, messages, model=m.name))
         )
@@ -130,7 +140,7 @@ class Ensemble:
             self.members[i].backend.set_prompt(prompt.tokens)
             self._states[i] = self._new_state(i, tables[i])
         for i, prompt in prompts.items():
-            self._byte_phase.force_tail(self.members[i], self._state(i), prompt.tail)
+            self._byte_phase.force_tail(self.members[i], self._state(i), prompt.tail, self._known)
         self.scheduler.share([m for m, ok in zip(self.members, self._live, strict=True) if ok])
         self._maybe_leave_byte_phase()
 
@@ -181,29 +191,45 @@ class Ensemble:
             raise LvrError("every model is disabled, has weight 0, or cannot follow the text")
         return combine(logq[active], [self.members[i].weight for i in active], self.rule)
 
-    def step(self, choose: Callable[[np.ndarray], int], index: int = 0) -> PieceEvent:
-        """One piece: combine, choose, advance every member."""
+    def step(
+        self, choose: Callable[[np.ndarray], int], index: int = 0, top_n: int = 0
+    ) -> PieceEvent:
+        """One piece: combine, choose, advance every member. With top_n > 0 the event
+        also lists the top_n most likely pieces (an API's top logprobs)."""
         logq = self.distributions()
         logp = self.combined(logq)
-        return self._advance(choose(logp), logq, logp, index)
+        alternatives = top_pieces(self._phase_sub, logp, top_n)
+        event = self._advance(choose(logp), logq, logp, index)
+        return replace(event, alternatives=alternatives) if alternatives else event
 
-    def force(self, piece: int, index: int = 0) -> PieceEvent:
-        """Advance by a given piece (scoring a text), reporting its probabilities."""
+    def force(self, piece: int, index: int = 0, ahead: Sequence[int] | None = None) -> PieceEvent:
+        """Advance by a given piece (scoring a text), reporting its probabilities.
+        `ahead`: the pieces known to follow (the rest of the text), so that pruning keeps
+        the branches that can spell them (docs/algorithm.md §4)."""
         logq = self.distributions()
-        return self._advance(piece, logq, self.combined(logq), index)
+        return self._advance(piece, logq, self.combined(logq), index, ahead)
 
-    def _advance(self, piece: int, logq: np.ndarray, logp: np.ndarray, index: int) -> PieceEvent:
+    def _advance(
+        self,
+        piece: int,
+        logq: np.ndarray,
+        logp: np.ndarray,
+        index: int,
+        ahead: Sequence[int] | None = None,
+    ) -> PieceEvent:
         sub = self._phase_sub
         if logp[piece] == -np.inf:
             raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
         pruned = [0.0] * len(self.members)
+        left = []
         for i, state in enumerate(self._states):
             if state is None or not self._live[i]:
                 continue
             if logq[i, piece] == -np.inf:
                 self._live[i] = False  # it cannot spell this text: it leaves this generation
+                left.append(i)
                 continue
-            state.advance(piece)
+            state.advance(piece, ahead)
             pruned[i] = state.last_pruned_fraction
         event = PieceEvent(
             index=index,
@@ -215,6 +241,7 @@ class Ensemble:
             dominant=dominant_model(logq, self.weights, piece),
             pruned=tuple(pruned),
             byte_level=sub is not self.sub,
+            left=tuple(left),
         )
         if piece != sub.end_id:
             self._maybe_leave_byte_phase()
@@ -253,6 +280,17 @@ class Ensemble:
         """Release every branch (the members' models stay loaded: their owner frees them)."""
         self._close_states()
         self.scheduler.close()
+
+
+def top_pieces(sub: SubVocabulary, logp: np.ndarray, n: int) -> tuple[tuple[bytes, float], ...]:
+    """The n most likely pieces of `logp` with their log-probabilities, most likely first
+    (impossible pieces left out). A partial sort: O(size) whatever n."""
+    n = min(n, len(logp))
+    if n <= 0:
+        return ()
+    top = np.argpartition(logp, -n)[-n:]
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return tuple((sub.piece_bytes(int(i)), float(logp[i])) for i in top if logp[i] > -np.inf)
 
 
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:

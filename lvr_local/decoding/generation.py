@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,9 +45,13 @@ def generate(
     budget: Budget,
     stats: RunStats,
     should_stop: Callable[[], bool] = lambda: False,
+    top_n: int = 0,
 ) -> Generator[PieceEvent, None, None]:
     """Yield pieces until END, a stop string, a budget, or `should_stop()` (checked
-    before every piece). A stop string is not yielded: the text is cut where it begins."""
+    before every piece). A stop string is not yielded: the text is cut where it begins
+    (the piece it begins in is yielded cut short; text of earlier pieces that begins the
+    stop string was already yielded, and `stats.bytes` says where the text ends).
+    top_n > 0: each event also lists the top_n most likely pieces of its step."""
     stops = [s.encode("utf-8") for s in budget.stop if s]
     text = b""
     t0 = time.perf_counter()
@@ -56,7 +60,7 @@ def generate(
             if should_stop():
                 stats.stop_reason = "stopped"
                 return
-            event = ensemble.step(choose, index)
+            event = ensemble.step(choose, index, top_n)
             stats.pieces += 1
             if event.piece == ensemble.end_id and not event.text:
                 stats.stop_reason = "end"
@@ -64,6 +68,8 @@ def generate(
             hit = find_stop(text, event.text, stops)
             if hit is not None:
                 stats.stop_reason, stats.bytes = "stop", hit
+                if hit > len(text):  # the stop string begins inside this piece: keep its head
+                    yield replace(event, text=event.text[: hit - len(text)])
                 return
             text += event.text
             stats.bytes = len(text)

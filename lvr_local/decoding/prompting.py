@@ -2,11 +2,16 @@
 
 A raw prompt may end in the middle of a token (`def fibo`, `https://exam`). Encoding it
 whole would force the model's next token to start exactly there, an artefact no model
-was trained on. So the last tokens are held back: the backend evaluates the prompt
-minus its last few bytes (ending on a token boundary of the model's own tokenization),
-and the reduction engine is then fed the held-back bytes one by one, summing over every
-tokenization that covers them. The continuation is distributed as if the model had
-produced the whole prompt itself.
+was trained on. So its end is held back: the backend evaluates the prompt up to a cut
+that no likely token crosses, and the reduction engine is then fed the held-back bytes
+one by one, summing over every tokenization that covers them (docs/algorithm.md §6).
+
+The cut is the start of the last whitespace run: byte-level BPE pre-tokenizers never
+let a token cross into the word after a space, and SentencePiece vocabularies hold
+almost no token with a space inside (Gemma 3: one of 262,144). A prompt with no space
+in its last HOLD_BACK_MAX_BYTES (a URL, an identifier, CJK text) is held back whole when
+it is that short, so every tokenization of it counts; a longer one falls back to a cut
+one token before the end (the residual approximation, docs/algorithm.md §6).
 
 Chat prompts end with the template's assistant header, a natural token boundary, so
 they hold nothing back.
@@ -20,10 +25,11 @@ from typing import Protocol
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.errors import LvrError
 
-# Held-back tail: at least this many tokens, extended back to a whitespace boundary when
-# one is near, so that no likely token straddles the cut.
+# The longest tail held back; beyond it the cut falls HOLD_BACK_TOKENS tokens before the
+# end. Each held-back byte costs about one forward pass per model (a tail is forced over
+# bytes), against one per token for the head.
+HOLD_BACK_MAX_BYTES = 256
 HOLD_BACK_TOKENS = 1
-HOLD_BACK_MAX_BYTES = 16
 
 
 class Tokenizer(Protocol):
@@ -41,18 +47,54 @@ def prepare_raw(tokenizer: Tokenizer, vocab: Vocabulary, text: bytes) -> Prepare
     tokens = tokenizer.tokenize(text, True, False)
     n_special = _leading_specials(tokens, vocab)
     expected = _rendered_text(vocab, text)
-    cut = _cut_index(tokens, vocab, n_special)
+    start = tokens[:n_special] or _start_token(vocab)
+    cut = _whitespace_cut(expected)
+    if cut is None:  # no space near the end: cut one token back, as close as possible
+        return _cut_tokens(tokens, vocab, n_special, expected, start)
+    head = expected[:cut]
+    if not head.strip():  # nothing but the start (and maybe the space prefix) before it
+        return PreparedPrompt(start, expected)
+    head_text = text[: len(text) - (len(expected) - cut)]
+    head_tokens = tokenizer.tokenize(head_text, True, False)
+    spelled = b"".join(vocab.token_bytes(t) or b"" for t in head_tokens[n_special:])
+    if spelled != head:  # the tokenizer normalised something: hold back everything
+        return PreparedPrompt(start, expected)
+    return PreparedPrompt(start + head_tokens[n_special:], expected[cut:])
+
+
+def _whitespace_cut(rendered: bytes) -> int | None:
+    """Where the last whitespace run begins (a trailing one included), if it lies within
+    HOLD_BACK_MAX_BYTES of the end; 0 when the whole text is that short; else None."""
+    window = rendered[-HOLD_BACK_MAX_BYTES:]
+    offset = len(rendered) - len(window)
+    i = len(window)
+    while i > 0 and not window[i - 1 : i].isspace():
+        i -= 1
+    if i == 0:
+        return 0 if offset == 0 else None
+    while i > 0 and window[i - 1 : i].isspace():
+        i -= 1
+    return offset + i
+
+
+def _cut_tokens(
+    tokens: list[int], vocab: Vocabulary, n_special: int, expected: bytes, start: list[int]
+) -> PreparedPrompt:
+    """Hold back the last HOLD_BACK_TOKENS tokens (more where the tokenizer normalised
+    the text and the tokens no longer spell a prefix of it)."""
+    cut = max(n_special, len(tokens) - HOLD_BACK_TOKENS)
     while cut > n_special:
         rendered = b"".join(vocab.token_bytes(t) or b"" for t in tokens[n_special:cut])
         if expected.startswith(rendered):
-            return PreparedPrompt(tokens[:cut], expected[len(rendered) :])
-        cut -= 1  # the tokenizer normalised something: hold back more
-    return PreparedPrompt(tokens[:n_special] or _start_token(vocab), expected)
+            return PreparedPrompt(start + tokens[n_special:cut], expected[len(rendered) :])
+        cut -= 1
+    return PreparedPrompt(start, expected)
 
 
 def _start_token(vocab: Vocabulary) -> list[int]:
-    """A model needs one token to condition on. Models that add no BOS to raw text
-    (SmolLM2) get their BOS, or failing that their EOS, as a start-of-document mark."""
+    """A raw prompt starts a document. Models that add no BOS to raw text (SmolLM2) get
+    their BOS, or failing that their EOS (the separator between training documents), as
+    that start, so that every raw prompt, empty or not, is conditioned the same way."""
     start = vocab.bos_id if vocab.bos_id is not None else vocab.eos_id
     if start is None:
         raise LvrError(f"model '{vocab.name}' has neither BOS nor EOS to start a prompt from")
@@ -78,23 +120,3 @@ def _rendered_text(vocab: Vocabulary, text: bytes) -> bytes:
     if vocab.add_space_prefix and vocab.tokenizer_model == "llama" and text:
         return b" " + text
     return text
-
-
-def _cut_index(tokens: list[int], vocab: Vocabulary, n_special: int) -> int:
-    """Hold back HOLD_BACK_TOKENS tokens, and further back to a word boundary (a token
-    starting with whitespace, or following one that ends with it) within
-    HOLD_BACK_MAX_BYTES."""
-
-    def spelled(i: int) -> bytes:
-        return vocab.token_bytes(tokens[i]) or b""
-
-    cut = max(n_special, len(tokens) - HOLD_BACK_TOKENS)
-    probe, held = cut, sum(len(spelled(i)) for i in range(cut, len(tokens)))
-    while n_special < probe < len(tokens):
-        if spelled(probe)[:1].isspace() or spelled(probe - 1)[-1:].isspace():
-            return probe
-        held += len(spelled(probe - 1))
-        if held > HOLD_BACK_MAX_BYTES:
-            break
-        probe -= 1
-    return cut

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lvr_local.decoding.byte_phase import byte_pieces
 from lvr_local.decoding.ensemble import Ensemble, PieceEvent
 from lvr_local.errors import LvrError
 
@@ -34,11 +35,11 @@ class Scoring:
         self.n_scored = 0
 
     def __iter__(self) -> Iterator[PieceEvent]:
-        self.ensemble.start_raw(self.prompt)
-        for index, value in enumerate(self.text):
-            piece = self.ensemble.piece_id(bytes([value]))
-            assert piece is not None  # every byte is a piece of the byte sub-vocabulary
-            event = self.ensemble.force(piece, index)
+        self.ensemble.start_raw(self.prompt, known=self.text)
+        pieces = byte_pieces(self.ensemble.sub, self.text)
+        for index, piece in enumerate(pieces.tolist()):
+            # The rest of the text is known: pruning keeps what can spell it.
+            event = self.ensemble.force(piece, index, ahead=pieces[index + 1 :])
             self.member_logp += np.array(event.member_logprobs)
             self.ensemble_logp += event.logprob
             self.n_scored += 1

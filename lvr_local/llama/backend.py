@@ -111,6 +111,8 @@ class LlamaBackend:
         check_gguf_file(path)
         check_gpu_request(n_gpu_layers)
         _check_sizes(n_ctx, n_batch, n_seq_max)
+        if n_ctx:  # llama.cpp aborts when sequences (and the pin) outnumber the cells
+            n_seq_max = max(1, min(n_seq_max, n_ctx - 1))
         self._model: LlamaModel | None = None
         self._ctx: LlamaContext | None = None
         self._batch: LlamaBatch | None = None

@@ -167,30 +167,36 @@ class Runner:
         messages: Sequence[Message],
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> Run:
         """A reply to a conversation, each member on its own chat template. Setting
-        `stop` (from any thread) ends the run after the current piece."""
+        `stop` (from any thread) ends the run after the current piece; top_n > 0 lists
+        each piece's top_n most likely alternatives in its event."""
         settings = settings or self.settings
         ensemble = self._prepare(settings, scoring=False)
         ensemble.start_chat(messages)
-        return Run(self, ensemble, settings, stop)
+        return Run(self, ensemble, settings, stop, top_n)
 
     def complete(
         self,
         prompt: bytes,
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> Run:
         """A continuation of a raw prompt (exact when it ends mid-token)."""
         settings = settings or self.settings
         ensemble = self._prepare(settings, scoring=False)
         ensemble.start_raw(prompt)
-        return Run(self, ensemble, settings, stop)
+        return Run(self, ensemble, settings, stop, top_n)
 
-    def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
+    def score(
+        self, text: bytes, prompt: bytes = b"", settings: RunSettings | None = None
+    ) -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
-        returned Scoring for one event per byte, then take its `record()`."""
-        settings = replace(self.settings, sub_vocab="bytes")
+        returned Scoring for one event per byte, then take its `record()`. `settings`
+        (default: the runner's) choose the method, rule, pruning and numerics."""
+        settings = replace(settings or self.settings, sub_vocab="bytes")
         return Scoring(self._prepare(settings, scoring=True), text, prompt)
 
     def _prepare(self, settings: RunSettings, *, scoring: bool) -> Ensemble:
@@ -230,9 +236,11 @@ class Run:
         ensemble: Ensemble,
         settings: RunSettings,
         stop: threading.Event | None = None,
+        top_n: int = 0,
     ) -> None:
         """A run over an ensemble whose prompt is already evaluated: the clock and the
-        counters start here, so figures count pieces, not prompt processing."""
+        counters start here, so figures count pieces, not prompt processing. top_n > 0:
+        each event lists its step's top_n most likely pieces."""
         self.runner = runner
         self.ensemble = ensemble
         self.settings = settings
@@ -250,6 +258,7 @@ class Run:
             settings.budget(),
             self.stats,
             self._stop.is_set,
+            top_n,
         )
 
     def __iter__(self) -> Iterator[Chunk]:

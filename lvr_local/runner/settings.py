@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lvr_local.core.combine import RULES
-from lvr_local.core.reduction import DEFAULT_MAX_BRANCHES, DEFAULT_PRUNE, EngineOptions
+from lvr_local.core.reduction import (
+    DEFAULT_MAX_BRANCHES,
+    DEFAULT_PRUNE,
+    DEFAULT_TEXT_PRUNE,
+    EngineOptions,
+)
 from lvr_local.core.sampling import SamplingParams
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
@@ -29,9 +34,10 @@ MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs 
 class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, numerics
     (auto: exact for scoring, fast for generation; docs/algorithm.md §8). Reduction
-    (docs/algorithm.md §4-7): sub_vocab, method, combine, prune, max_branches,
-    token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed. Budgets:
-    max_pieces, max_bytes, stop."""
+    (docs/algorithm.md §4-7): sub_vocab, method, combine, prune (generation),
+    text_prune (known text: scoring, forced prompt tails), max_branches, token_top_k.
+    Sampling over pieces: temperature, top_k, top_p, min_p, seed. Budgets: max_pieces,
+    max_bytes, stop."""
 
     n_ctx: int = 4096
     n_gpu_layers: int = 0
@@ -41,6 +47,7 @@ class RunSettings:
     method: str = "lossless"
     combine: str = "mean"
     prune: float = DEFAULT_PRUNE
+    text_prune: float = DEFAULT_TEXT_PRUNE
     max_branches: int = DEFAULT_MAX_BRANCHES
     token_top_k: int = 0
     temperature: float = 0.0
@@ -60,6 +67,7 @@ class RunSettings:
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
             prune=self.prune,
+            text_prune=self.text_prune,
             token_top_k=self.token_top_k or None,
             max_branches=self.max_branches or None,
         )
@@ -77,6 +85,7 @@ class RunSettings:
             self.method,
             self.combine,
             self.prune,
+            self.text_prune,
             self.max_branches,
             self.token_top_k,
         )
@@ -108,6 +117,7 @@ SCHEMA: dict[str, Check] = {
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
     "prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "text_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "max_branches": ((int,), "an integer >= 0 (0 = no cap)", lambda v: v >= 0),
     "token_top_k": ((int,), "an integer >= 0 (0 = every token)", lambda v: v >= 0),
     "temperature": ((int, float), "a number from 0 to 100", lambda v: 0 <= v <= 100),
@@ -147,7 +157,7 @@ def with_overrides(
     given = checked({k: v for k, v in overrides.items() if v is not None}, where)
     if "stop" in given:
         given["stop"] = tuple(given["stop"])
-    for key in ("prune", "temperature", "top_p", "min_p"):
+    for key in ("prune", "text_prune", "temperature", "top_p", "min_p"):
         if key in given:
             given[key] = float(given[key])
     return replace(settings, **given)

@@ -1,0 +1,59 @@
+"""`lvr serve`: the ensemble behind an OpenAI-compatible HTTP API (lvr_local/server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lvr_local.cli.common import model_options, open_runner, sampling_options, settings_from
+from lvr_local.server.options import ServerOptions
+
+# The server itself (FastAPI, uvicorn) is only imported when the command runs.
+DEFAULTS = ServerOptions()
+
+
+@click.command()
+@click.option("--host", default=DEFAULTS.host, show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=DEFAULTS.port, show_default=True, type=click.IntRange(0, 65535), help="Port."
+)
+@click.option(
+    "--api-key",
+    envvar="LVR_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1/ (also read from $LVR_API_KEY).",
+)
+@click.option(
+    "--max-queue",
+    default=DEFAULTS.max_queue,
+    show_default=True,
+    type=click.IntRange(0, 10_000),
+    help="Requests that may wait while one generates; more get 503 with Retry-After.",
+)
+@click.option(
+    "--max-body",
+    default=DEFAULTS.max_body,
+    show_default=True,
+    type=click.IntRange(1024),
+    help="Largest request body, in bytes (413 above).",
+)
+@model_options
+@sampling_options
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    max_body: int,
+    **kw: Any,
+) -> None:
+    """Serve the ensemble over HTTP with OpenAI's API until Ctrl-C or SIGTERM. The
+    decoding options set each request's defaults; a request may override them."""
+    from lvr_local.server.app import serve as run_server
+
+    options = ServerOptions(host, port, api_key or None, max_queue, max_body)
+    settings = settings_from(ctx, kw)
+    with open_runner(ctx, kw, settings) as runner:
+        run_server(runner, options)
