@@ -519,38 +519,31 @@ def ensemble() -> None:
 ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped in the wheel
 
 
-def prune(n_bytes: int = 600) -> None:
-    """Each bundled model alone over bytes, scoring the first n_bytes of English prose at
-    several thresholds: forward-pass rows and time per byte, the text's log-probability,
-    and the sum over steps of the share of Q each step dropped (it bounds how far pruning
-    moved the log-probability, in nats, to first order). Log-probabilities that differ by
-    more than that bound differ by llama.cpp's arithmetic: batches of other sizes take
-    other kernels."""
+def prune(n_bytes: int = 100) -> None:
+    """What `text_prune` costs and buys when a text is scored: each bundled model alone
+    on the exact numeric path (so only pruning moves the numbers), the first n_bytes of
+    English prose at several thresholds, the last with a larger cap as the reference:
+    forward-pass rows per byte, time per byte and the text's log-probability."""
     from lvr_local.machine import physical_cores
 
     text = ENGLISH.read_bytes()[:n_bytes]
-    print(
-        f"{len(text)} bytes of {ENGLISH.name}, one model over bytes, n_threads={physical_cores()}"
-    )
+    print(f"{len(text)} bytes of {ENGLISH.name}, exact numerics, n_threads={physical_cores()}")
     for spec in BUNDLED:
-        runner = Runner([spec], RunSettings(n_ctx=2048, sub_vocab="bytes")).load()
-        name, counters = spec.name, runner.backends[0].counters
-        for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
-            ensemble = runner.ensemble_for(RunSettings(sub_vocab="bytes", prune=threshold))
-            ensemble.start_raw(b"")
+        runner = Runner([spec], RunSettings(n_ctx=4096, numerics="exact")).load()
+        counters = runner.backends[0].counters
+        for threshold, cap in ((1e-4, 16), (1e-6, 16), (1e-8, 16), (1e-10, 64)):
+            runner.settings = RunSettings(
+                n_ctx=4096, numerics="exact", text_prune=threshold, max_branches=cap
+            )
             rows, start = counters.tokens_evaluated, time.perf_counter()
-            logprob = dropped = 0.0
-            for index, value in enumerate(text):
-                piece = ensemble.piece_id(bytes([value]))
-                assert piece is not None
-                event = ensemble.force(piece, index)
-                logprob, dropped = logprob + event.logprob, dropped + event.pruned[0]
+            result = runner.score(text).run()["models"][spec.name]
             seconds = time.perf_counter() - start
             print(
-                f"  {name:<8} prune {threshold:g}: rows/byte "
+                f"  {spec.name:<8} text_prune {threshold:g}, cap {cap}: rows/byte "
                 f"{(counters.tokens_evaluated - rows) / len(text):.2f}, "
-                f"{seconds / len(text) * 1e3:5.1f} ms/byte, log-probability {logprob:9.3f}, "
-                f"summed dropped share {dropped:.2e}"
+                f"{seconds / len(text) * 1e3:6.1f} ms/byte, log-probability "
+                f"{result['logprob']:10.4f}",
+                flush=True,
             )
         runner.close()
 
@@ -694,10 +687,40 @@ def _rate(rounds: list[list[float]]) -> float:
     return sum(len(t) - 1 for t in rounds) / sum(t[-1] - t[0] for t in rounds)
 
 
+# ----- scoring: the exact path against the fast one ---------------------------------------
+
+
+def scoring(n_bytes: int = 2000) -> None:
+    """Scoring speed (bytes/s) on the exact and the fast numeric path, side by side, for a
+    2 KB text after a ~550-token prompt, each bundled model alone; then a short text after
+    the same prompt, whose tokens then come from the cache (prompt rows evaluated are
+    printed). Also the log-probabilities, which the fast path moves."""
+    text = ENGLISH.read_bytes()
+    prompt, scored = text, text[:n_bytes]
+    for spec in BUNDLED:
+        runner = Runner([spec], RunSettings(n_ctx=16384)).load()
+        backend = runner.backends[0]
+        for numerics, body in (("fast", scored), ("exact", scored), ("exact", scored[:20])):
+            runner.settings = RunSettings(n_ctx=16384, numerics=numerics)
+            before = backend.counters.tokens_evaluated
+            start = time.perf_counter()
+            result = runner.score(body, prompt).run()
+            seconds = time.perf_counter() - start
+            print(
+                f"  {spec.name:<8} {numerics:<5} {len(body):5d} bytes: "
+                f"{len(body) / seconds:6.1f} bytes/s, rows evaluated "
+                f"{backend.counters.tokens_evaluated - before:6d}, log-probability "
+                f"{result['models'][spec.name]['logprob']:.6f}",
+                flush=True,
+            )
+        runner.close()
+
+
 BENCHMARKS = {
     "engine": engine,
     "backend": backend,
     "ensemble": ensemble,
+    "scoring": scoring,
     "prune": prune,
     "serve": serve,
 }

@@ -77,9 +77,9 @@ class PieceModel(Protocol):
 class EngineOptions:
     """`prune`: drop nodes whose share of Q(u) is below this fraction. 0 keeps every node,
     which is exact but can keep exponentially many tokenizations alive (each byte-fallback
-    duplicate of a token doubles them). The default 1e-4 dropped ~2e-5 nats per byte of
-    English and cut forward-pass rows per byte 3.1-3.5x against 1e-6; that error is far
-    below llama.cpp's own arithmetic noise between batch layouts (README, "Exactness").
+    duplicate of a token doubles them). The default 1e-4 serves generation: it cut
+    forward-pass rows per byte 3.1-3.5x against 1e-6. It bounds the error of the next
+    piece's distribution, not of a known text's probability (docs/algorithm.md §4).
     `text_prune`: the same threshold when the text ahead is known (scoring, forced prompt
     tails), over the mass that can still spell it (docs/algorithm.md §4).
     `token_top_k`: K-LVR (docs/algorithm.md §5), keep only the K most likely tokens of

@@ -33,6 +33,7 @@ class Scoring:
         self.member_logp = np.zeros(len(ensemble.members))
         self.ensemble_logp = 0.0
         self.n_scored = 0
+        self.left: dict[int, int] = {}  # member -> the byte it could not spell
 
     def __iter__(self) -> Iterator[PieceEvent]:
         self.ensemble.start_raw(self.prompt, known=self.text)
@@ -40,6 +41,8 @@ class Scoring:
         for index, piece in enumerate(pieces.tolist()):
             # The rest of the text is known: pruning keeps what can spell it.
             event = self.ensemble.force(piece, index, ahead=pieces[index + 1 :])
+            for i in event.left:
+                self.left[i] = index
             self.member_logp += np.array(event.member_logprobs)
             self.ensemble_logp += event.logprob
             self.n_scored += 1
@@ -65,6 +68,7 @@ class Scoring:
                     "logprob": float(lp),
                     "bits_per_byte": float(-lp * per_byte),
                     "pruned_mass": pruned[i] if i < len(pruned) else 0.0,
+                    **({"cannot_spell_byte": self.left[i]} if i in self.left else {}),
                 }
                 for i, (m, lp) in enumerate(zip(members, self.member_logp, strict=True))
             },

@@ -248,6 +248,7 @@ class Run:
         self.data = b""
         self.text = ""
         self.error: str | None = None
+        self.left: dict[str, int] = {}  # member name -> index of the piece it could not spell
         self._stop = stop or threading.Event()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._baseline = runner.counters()
@@ -264,6 +265,8 @@ class Run:
     def __iter__(self) -> Iterator[Chunk]:
         try:
             for event in self._events:
+                for i in event.left:
+                    self.left[self.ensemble.members[i].name] = event.index
                 self.data += event.text
                 text = self._decoder.decode(event.text)
                 self.text += text
@@ -318,6 +321,8 @@ class Run:
                 for m, b in zip(ens.members, self.runner.backends, strict=True)
             ],
         }
+        if self.left:  # never silent: a member that could not spell the text said so
+            record["left"] = [{"name": n, "at_piece": i} for n, i in self.left.items()]
         if self.error is not None:
             record["error"] = self.error
         return record
