@@ -40,12 +40,13 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def config_file(tmp_path: Path, smollm2_path: Path, gemma_path: Path) -> Path:
-    """models.toml naming the two bundled models by path, with a small context."""
+    """models.toml naming the two bundled models by path, with a small context (Gemma,
+    a base model, reads the conversation as a transcript)."""
     path = tmp_path / "models.toml"
     path.write_text(
         "[defaults]\nn_ctx = 1024\n\n"
         f'[[model]]\nname = "smollm2-135m"\nsource = "{smollm2_path}"\n\n'
-        f'[[model]]\nname = "gemma3-270m"\nsource = "{gemma_path}"\nchat_template = "gemma"\n',
+        f'[[model]]\nname = "gemma3-270m"\nsource = "{gemma_path}"\n',
         encoding="utf-8",
     )
     return path
@@ -138,7 +139,7 @@ async def test_escape_stops_the_generation_and_keeps_the_partial_reply(
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         chat(app).query_one(PromptBox).focus()
-        await pilot.press(*"Write a haiku about the sea.")  # greedy: it loops, never ends
+        await pilot.press(*"Count from 1 to 1000, one number per line.")  # a long reply
         await pilot.press("enter")
         await wait_until(pilot, lambda: len(chat(app).query(AssistantMessage).last().events) >= 3)
         await pilot.press("escape")

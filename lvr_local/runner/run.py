@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lvr_local.core.chat import Message
+from lvr_local.core.repetition import RepetitionControl
 from lvr_local.core.sampling import Sampler
 from lvr_local.decoding.ensemble import Ensemble, PieceEvent
 from lvr_local.decoding.generation import RunStats, generate
@@ -43,6 +44,7 @@ class ModelInfo:
     n_vocab: int
     weight: float
     enabled: bool
+    role: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class MemberFigures:
     cache_hits: int
     alive: int
     pruned: float
+    mix_weight: float  # the weight the rule gives it now (bayes: its posterior)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,9 @@ class Runner:
 
     def model_infos(self) -> list[ModelInfo]:
         return [
-            ModelInfo(m.name, m.vocab.tokenizer_model, m.vocab.n_tokens, m.weight, m.enabled)
+            ModelInfo(
+                m.name, m.vocab.tokenizer_model, m.vocab.n_tokens, m.weight, m.enabled, m.role
+            )
             for m in self.members
         ]
 
@@ -147,7 +152,7 @@ class Runner:
                 self.members,
                 sub_vocab=settings.sub_vocab,
                 method=settings.method,
-                rule=settings.combine,
+                mixing=settings.mixing(),
                 options=settings.engine_options(),
                 scheduler=CoreScheduler(self._concurrent),
             )
@@ -168,11 +173,13 @@ class Runner:
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
     ) -> Run:
-        """A reply to a conversation, each member on its own chat template. Setting
-        `stop` (from any thread) ends the run after the current piece."""
-        ensemble = self.ensemble_for(settings or self.settings)
+        """A reply to a conversation, each member in its own format (a chat template,
+        or a transcript for a base model), sampled with the chat profile's defaults.
+        Setting `stop` (from any thread) ends the run after the current piece."""
+        resolved = (settings or self.settings).for_mode("chat")
+        ensemble = self.ensemble_for(resolved)
         ensemble.start_chat(messages)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, resolved, stop)
 
     def complete(
         self,
@@ -180,10 +187,12 @@ class Runner:
         settings: RunSettings | None = None,
         stop: threading.Event | None = None,
     ) -> Run:
-        """A continuation of a raw prompt (exact when it ends mid-token)."""
-        ensemble = self.ensemble_for(settings or self.settings)
+        """A continuation of a raw prompt (exact when it ends mid-token), greedy and
+        unpenalised unless the settings say otherwise."""
+        resolved = (settings or self.settings).for_mode("raw")
+        ensemble = self.ensemble_for(resolved)
         ensemble.start_raw(prompt)
-        return Run(self, ensemble, settings or self.settings, stop)
+        return Run(self, ensemble, resolved, stop)
 
     def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
@@ -241,6 +250,7 @@ class Run:
             settings.budget(),
             self.stats,
             self._stop.is_set,
+            RepetitionControl(settings.repetition()),
         )
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -269,6 +279,7 @@ class Run:
         """Counters since the run began, for live panels."""
         now = self.runner.counters()
         pruned = self.ensemble.pruned_mass()
+        mix = self.ensemble.mix_weights()
         members = tuple(
             MemberFigures(
                 name=m.name,
@@ -276,6 +287,7 @@ class Run:
                 cache_hits=now[i]["cache_hits"] - self._baseline[i]["cache_hits"],
                 alive=now[i]["alive_sequences"],
                 pruned=pruned[i] if i < len(pruned) else 0.0,
+                mix_weight=float(mix[i]),
             )
             for i, m in enumerate(self.ensemble.members)
         )
@@ -283,8 +295,10 @@ class Run:
         return LiveFigures(self.stats.pieces, len(self.data), seconds, members)
 
     def record(self) -> dict[str, Any]:
-        """The run's JSON record: text, counts, stop reason, settings and each model."""
+        """The run's JSON record: text, counts, stop reason, settings and each model
+        (its role, configured weight, and the weight the rule gave it last)."""
         ens, settings = self.ensemble, self.settings
+        mix = ens.mix_weights()
         record: dict[str, Any] = {
             "text": self.text,
             "pieces": self.stats.pieces,
@@ -296,9 +310,17 @@ class Run:
             "combine": settings.combine,
             "models_at_once": ens.concurrent,
             "models": [
-                {"name": m.name, "weight": m.weight, "n_threads": b.n_threads, **vars(b.counters)}
-                for m, b in zip(ens.members, self.runner.backends, strict=True)
+                {
+                    "name": m.name,
+                    "role": m.role,
+                    "weight": m.weight,
+                    "mix_weight": float(w),
+                    "n_threads": b.n_threads,
+                    **vars(b.counters),
+                }
+                for m, w, b in zip(ens.members, mix, self.runner.backends, strict=True)
             ],
+            "settings": settings.as_record(),
         }
         if self.error is not None:
             record["error"] = self.error
