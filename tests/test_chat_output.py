@@ -69,7 +69,7 @@ def test_end_comes_from_the_chat_member(runner: Runner) -> None:
     mean of the two members' distributions given no END, scaled by 1 - END."""
     ensemble = runner.ensemble_for(runner.settings.for_mode("chat"))
     ensemble.start_chat([Message("user", "Say hi.")])
-    assert ensemble.turn_separators == (b"\nUser:",)
+    assert ensemble.turn_separators == (b"\nUser:", b"\nAssistant:")
     assert ensemble.phase_sub.kind == "bytes"  # the transcript's final space is forced
     logq = ensemble.distributions()
     p = ensemble.combined(logq)

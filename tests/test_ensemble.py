@@ -187,15 +187,18 @@ def test_every_rule_beats_both_models_on_english_and_naive_is_worse(
         lossless.close()
     best = min(loss["smol"], loss["gemma"])
     assert loss["mean"] < best and loss["product"] < best
-    assert loss["bayes"] <= best + math.log(2)  # the regret bound: log N nats in all
+    # The regret bound, log N nats over the whole text; here it is tight (SmolLM2's
+    # probability of the text is e^-150 of Gemma's), so allow float rounding.
+    assert loss["bayes"] <= best + math.log(2) + 1e-6
     naive = Ensemble([smol, gemma], sub_vocab="bytes", method="naive")
     try:
         naive_result = score_text(naive, text)
     finally:
         naive.close()
     assert -naive_result["ensemble"]["logprob"] > loss["mean"]
-    bpb = {k: v / (len(text) * math.log(2)) for k, v in loss.items()}
-    print(f"\nbits/byte on {len(text)} bytes: {bpb}, naive {naive_result['ensemble']}")
+    bpb = {k: round(float(v) / (len(text) * math.log(2)), 4) for k, v in loss.items()}
+    naive_bpb = round(naive_result["ensemble"]["bits_per_byte"], 4)
+    print(f"\nbits/byte on {len(text)} bytes: {bpb}, naive {naive_bpb}")
 
 
 @pytest.mark.parametrize(("cores", "threads", "at_once"), [(4, 2, True), (1, 1, False)])

@@ -35,7 +35,7 @@ from lvr_local.core.subvocab import SubVocabulary, parse_spec
 from lvr_local.decoding.byte_phase import BytePhase
 from lvr_local.decoding.members import Member
 from lvr_local.decoding.prompting import PreparedPrompt, prepare_chat, prepare_raw
-from lvr_local.decoding.roles import TURN_SEPARATOR, format_transcript
+from lvr_local.decoding.roles import TURN_SEPARATORS, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.errors import LvrError
 from lvr_local.llama.chat_template import format_chat
@@ -147,7 +147,8 @@ class Ensemble:
         self._can_end = [not chat or m.role != "base" for m in self.members]
         live = [i for i, ok in enumerate(self._live) if ok]
         base = not all(self._can_end[i] for i in live)
-        self.turn_separators = (TURN_SEPARATOR.encode("utf-8"),) if base else ()
+        self.turn_separators = tuple(s.encode("utf-8") for s in TURN_SEPARATORS) if base else ()
+        self._posterior = None
         if self.rule == "bayes":
             prior = [m.weight if i in live else 0.0 for i, m in enumerate(self.members)]
             self._posterior = Posterior(prior, self.mixing.switch_rate)

@@ -4,7 +4,7 @@ A *chat* model was fine-tuned on a chat template; it reads the conversation in t
 template and ends its turn with an end-of-turn token (END). A *base* model (pretrained
 only) has never seen such markers: given them, it rarely predicts the end of a turn.
 It reads the conversation as a plain transcript instead, the kind of text it was
-trained on, and it ends its turn by starting the next one ("\\nUser:").
+trained on, and it ends its turn by starting a new one on a new line ("\\nUser:").
 
 Members never have to share a prompt: each is conditioned on its own native format,
 and the reduction then follows the same reply text in all of them (docs/algorithm.md
@@ -27,9 +27,9 @@ ROLES = ("chat", "base")
 CHAT_NAME = re.compile(r"(instruct|chat|(^|[\s_-])it($|[\s_-]))", re.IGNORECASE)
 
 # The plain transcript a base member reads. A base model ends the assistant's turn by
-# starting the next user turn, so this separator, once written, ends the reply.
+# starting a new turn on a new line, so these separators, once written, end the reply.
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
-TURN_SEPARATOR = "\nUser:"
+TURN_SEPARATORS = ("\nUser:", "\nAssistant:")
 
 
 def detect_role(vocab: Vocabulary, chat_template: str | None = None) -> str:

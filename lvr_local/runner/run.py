@@ -143,7 +143,8 @@ class Runner:
 
     def ensemble_for(self, settings: RunSettings) -> Ensemble:
         """The ensemble for these settings: the current one, or a new one over the same
-        members when a setting that shapes it changed."""
+        members when a setting that shapes it changed (the combination rule does not:
+        each run sets it)."""
         if not self.members:
             raise LvrError("the models are not loaded yet")
         key = settings.ensemble_key()
@@ -152,7 +153,6 @@ class Runner:
                 self.members,
                 sub_vocab=settings.sub_vocab,
                 method=settings.method,
-                mixing=settings.mixing(),
                 options=settings.engine_options(),
                 scheduler=CoreScheduler(self._concurrent),
             )
@@ -176,8 +176,7 @@ class Runner:
         """A reply to a conversation, each member in its own format (a chat template,
         or a transcript for a base model), sampled with the chat profile's defaults.
         Setting `stop` (from any thread) ends the run after the current piece."""
-        resolved = (settings or self.settings).for_mode("chat")
-        ensemble = self.ensemble_for(resolved)
+        resolved, ensemble = self._for_run(settings, "chat")
         ensemble.start_chat(messages)
         return Run(self, ensemble, resolved, stop)
 
@@ -189,16 +188,23 @@ class Runner:
     ) -> Run:
         """A continuation of a raw prompt (exact when it ends mid-token), greedy and
         unpenalised unless the settings say otherwise."""
-        resolved = (settings or self.settings).for_mode("raw")
-        ensemble = self.ensemble_for(resolved)
+        resolved, ensemble = self._for_run(settings, "raw")
         ensemble.start_raw(prompt)
         return Run(self, ensemble, resolved, stop)
 
     def score(self, text: bytes, prompt: bytes = b"") -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
         returned Scoring for one event per byte, then take its `record()`."""
-        settings = replace(self.settings, sub_vocab="bytes")
-        return Scoring(self.ensemble_for(settings), text, prompt)
+        _, ensemble = self._for_run(replace(self.settings, sub_vocab="bytes"), "raw")
+        return Scoring(ensemble, text, prompt)
+
+    def _for_run(self, settings: RunSettings | None, mode: str) -> tuple[RunSettings, Ensemble]:
+        """The settings of a run in `mode` (its profile fills what is not set) and the
+        ensemble, combining by those settings' rule (set per run: no rebuild)."""
+        resolved = (settings or self.settings).for_mode(mode)
+        ensemble = self.ensemble_for(resolved)
+        ensemble.mixing = resolved.mixing()
+        return resolved, ensemble
 
     def counters(self) -> list[dict[str, int]]:
         return [vars(b.counters).copy() for b in self.backends]

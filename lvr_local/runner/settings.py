@@ -6,7 +6,7 @@ settings form, a server request). Every value passes the same checks wherever it
 from, and a bad one is reported with its name, where it came from, and what is expected.
 
 Sampling depends on the mode. A conversation samples like llama.cpp and Ollama do
-(temperature, top-k, top-p, min-p, a mild repetition penalty); a raw completion, like
+(temperature, top-k, top-p, min-p, a mild DRY repetition penalty); a raw completion, like
 scoring, keeps the exact conventions (greedy, nothing penalised), so that it shows what
 the ensemble predicts. Those settings default to None, "the mode's", and PROFILES holds
 each mode's value, written once; a value set in models.toml or on the command line
@@ -35,24 +35,26 @@ MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs 
 MODES = ("chat", "raw")
 _REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
 
-# The settings whose default depends on the mode (None in RunSettings). Chat: llama.cpp's
-# sampling defaults (common/common.h) with Ollama's repeat penalty; chosen by
-# `python -m lvr_local.benchmarks chat` (README). Raw: greedy and unpenalised.
+# The settings whose default depends on the mode (None in RunSettings), chosen by
+# `python -m lvr_local.benchmarks chat` (README, "Measured"). Chat: llama.cpp's sampling
+# defaults (common/common.h) with DRY at 0.8, its authors' suggested strength, and the
+# bayes rule, which ended replies and avoided repeats best. Raw: greedy, unpenalised,
+# and the mean rule, the better predictor of text.
 PROFILES: dict[str, dict[str, Any]] = {
     "chat": {
+        "combine": "bayes",
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
         "min_p": 0.05,
-        "repeat_penalty": 1.1,
-        "dry_multiplier": 0.0,
+        "dry_multiplier": 0.8,
     },
     "raw": {
+        "combine": Mixing.rule,
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,
         "min_p": 0.0,
-        "repeat_penalty": _REPETITION.repeat_penalty,
         "dry_multiplier": _REPETITION.dry_multiplier,
     },
 }
@@ -72,7 +74,7 @@ class RunSettings:
     n_threads: int = 0
     sub_vocab: str = "mcv"
     method: str = "lossless"
-    combine: str = Mixing.rule
+    combine: str | None = None
     calibrate: bool = Mixing.calibrate
     switch_rate: float = Mixing.switch_rate
     prune: float = DEFAULT_PRUNE
@@ -83,7 +85,7 @@ class RunSettings:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
-    repeat_penalty: float | None = None
+    repeat_penalty: float = _REPETITION.repeat_penalty
     repeat_last_n: int = _REPETITION.repeat_last_n
     presence_penalty: float = _REPETITION.presence_penalty
     frequency_penalty: float = _REPETITION.frequency_penalty
@@ -116,7 +118,7 @@ class RunSettings:
         )
 
     def mixing(self) -> Mixing:
-        return Mixing(self.combine, self.calibrate, self.switch_rate)
+        return Mixing(self._resolved("combine"), self.calibrate, self.switch_rate)
 
     def sampling(self) -> SamplingParams:
         values = (self._resolved(k) for k in ("temperature", "top_k", "top_p", "min_p"))
@@ -124,7 +126,7 @@ class RunSettings:
 
     def repetition(self) -> RepetitionParams:
         return RepetitionParams(
-            repeat_penalty=self._resolved("repeat_penalty"),
+            repeat_penalty=self.repeat_penalty,
             repeat_last_n=self.repeat_last_n,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -143,9 +145,6 @@ class RunSettings:
         return (
             self.sub_vocab,
             self.method,
-            self.combine,
-            self.calibrate,
-            self.switch_rate,
             self.prune,
             self.max_branches,
             self.token_top_k,

@@ -157,7 +157,7 @@ class ChatScreen(Screen[None]):
                 runner.load(
                     lambda label, done, total: self.post_message(LoadProgress(label, done, total))
                 )
-                ready = EnsembleReady(runner.model_infos(), describe(runner))
+                ready = EnsembleReady(runner.model_infos(), describe(runner, runner.settings))
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
@@ -169,7 +169,7 @@ class ChatScreen(Screen[None]):
         try:
             with self.lvr.lock:
                 runner.settings = settings
-                ready = EnsembleReady(runner.model_infos(), describe(runner))
+                ready = EnsembleReady(runner.model_infos(), describe(runner, settings))
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
@@ -361,14 +361,14 @@ class ChatScreen(Screen[None]):
             self.log_file.append({"type": "settings", "system_prompt": system_prompt})
         self.lvr.system_prompt = system_prompt
         runner = self.lvr.runner
-        if (
-            runner is not None
-            and runner.loaded
-            and (self.lvr.settings.ensemble_key() != old.ensemble_key())
-        ):
+        if runner is None or not runner.loaded:
+            return
+        if self.lvr.settings.ensemble_key() != old.ensemble_key():
             self.busy = True
             self.notify("rebuilding the ensemble …", timeout=2)
             self.rebuild(self.lvr.settings)
+        else:  # the rule and sampling apply from the next reply on
+            self.app.sub_title = describe(runner, self.lvr.settings)
 
     def action_open_list(self) -> None:
         self.app.push_screen(ConversationsScreen(), self._open)
@@ -405,9 +405,9 @@ class ChatScreen(Screen[None]):
         self.notify(f"opened {saved.path.name}", timeout=2)
 
 
-def describe(runner: Runner) -> str:
+def describe(runner: Runner, settings: RunSettings) -> str:
     """The header's line: sub-vocabulary, method and combination rule."""
-    ens, settings = runner.ensemble, runner.settings
+    ens = runner.ensemble_for(settings)
     return f"{ens.sub.describe()} · {settings.method} {settings.combine}"
 
 
