@@ -50,10 +50,14 @@ def test_settings_show_each_value_and_where_it_comes_from(tmp_path: Path) -> Non
     assert code == 0, out
     values = json.loads(out)["settings"]
     assert values["prune"] == 0.001 and values["method"] == "naive"
-    assert values["combine"] == "mean" and values["max_pieces"] == 256
+    assert values["combine"] is None and values["max_pieces"] == 256  # None: the mode's
+    modes = json.loads(out)["by_mode"]
+    assert modes["chat"]["combine"] == "bayes" and modes["raw"]["combine"] == "mean"
+    assert modes["chat"]["temperature"] > 0 and modes["raw"]["temperature"] == 0
     code, out = run("--config", str(config), "settings")
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[3:]}
     assert rows["prune"] == "file" and rows["method"] == "file" and rows["combine"] == "default"
+    assert "chat bayes, raw mean" in out
 
 
 def test_models_reports_a_missing_file(tmp_path: Path) -> None:

@@ -28,7 +28,9 @@ def test_generate_json_record() -> None:
     assert code == 0, out
     record = json.loads(out[out.index("{") :])
     assert record["pieces"] <= 6 and record["stop_reason"] in ("end", "max_pieces")
-    assert record["sub_vocab"].startswith("mcv") and record["combine"] == "mean"
+    assert record["sub_vocab"].startswith("mcv") and record["combine"] == "bayes"
+    assert record["settings"]["dry_multiplier"] > 0  # the chat profile
+    assert all(0 <= m["mix_weight"] <= 1 for m in record["models"])
     assert [m["name"] for m in record["models"]] == ["smollm2-135m", "gemma3-270m"]
     assert all(m["forward_passes"] > 0 and m["n_threads"] >= 1 for m in record["models"])
     assert isinstance(record["models_at_once"], bool)

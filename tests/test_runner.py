@@ -36,7 +36,7 @@ def test_a_run_streams_chunks_and_ends_in_a_record(runner: Runner) -> None:
     assert run.data.decode("utf-8") == run.text
     record = run.record()
     assert record["pieces"] == run.stats.pieces >= len(chunks)
-    assert record["method"] == "lossless" and record["combine"] == "mean"
+    assert record["method"] == "lossless" and record["combine"] == "bayes"  # chat's rule
     assert record["stop_reason"] in ("end", "max_pieces")
     assert record["models"][0]["forward_passes"] > 0
 
@@ -59,9 +59,14 @@ def test_only_settings_that_shape_the_ensemble_rebuild_it(runner: Runner) -> Non
     first = runner.ensemble
     runner.settings = replace(SETTINGS, temperature=0.7, top_p=0.9, max_pieces=5)
     assert runner.ensemble is first
-    runner.settings = replace(SETTINGS, combine="max")
+    runner.settings = replace(SETTINGS, combine="max")  # each run sets the rule
+    assert runner.ensemble is first
+    run = runner.complete(b"Hi", replace(SETTINGS, combine="max", max_pieces=2))
+    list(run)
+    assert first.rule == "max" and run.record()["combine"] == "max"
+    runner.settings = replace(SETTINGS, sub_vocab="bytes")
     rebuilt = runner.ensemble
-    assert rebuilt is not first and rebuilt.rule == "max"
+    assert rebuilt is not first and rebuilt.sub.kind == "bytes"
     runner.settings = SETTINGS
 
 

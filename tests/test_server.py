@@ -249,10 +249,10 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], int, str | None, str]] = {
         "unsupported field",
     ),
     "penalty": (
-        {"json": {"messages": HELLO, "presence_penalty": 1.0}, "headers": AUTH},
+        {"json": {"messages": HELLO, "presence_penalty": 3.0}, "headers": AUTH},
         400,
         "presence_penalty",
-        "not supported yet",
+        "2",
     ),
     "no messages": ({"json": {"messages": []}, "headers": AUTH}, 400, "messages", "at least 1"),
     "form body": (

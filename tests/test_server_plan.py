@@ -55,8 +55,6 @@ def test_openai_names_become_run_settings() -> None:
         ({"seed": -1}, "seed", "0 to 2**63"),
         ({"n": 2}, "n", "must be 1"),
         ({"logit_bias": {"42": 1.0}}, "logit_bias", "no common token ids"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "not supported yet"),
-        ({"frequency_penalty": -1.0}, "frequency_penalty", "not supported yet"),
         ({"top_logprobs": 3}, "top_logprobs", "needs 'logprobs'"),
         ({"weights": [1.0]}, "weights", "1 values for 2 members"),
         ({"weights": {"llama": 1.0}}, "weights", "'llama', not a member"),
@@ -69,10 +67,10 @@ def test_a_bad_option_is_refused_naming_its_field(fields: dict, param: str, word
     assert error.status == (404 if param == "model" else 400)
 
 
-def test_penalties_of_zero_are_accepted_until_wired() -> None:
-    """MERGE: once RunSettings has the penalties, non-zero values pass through too."""
-    plan = plan_request(chat(presence_penalty=0.0, frequency_penalty=0.0), BASE, MEMBERS)
-    assert plan.settings == BASE
+def test_penalties_are_the_run_settings_of_the_same_names() -> None:
+    plan = plan_request(chat(presence_penalty=0.5, frequency_penalty=-1.0), BASE, MEMBERS)
+    assert plan.settings.presence_penalty == 0.5 and plan.settings.frequency_penalty == -1.0
+    assert plan_request(chat(), BASE, MEMBERS).settings.presence_penalty == BASE.presence_penalty
 
 
 def test_members_and_weights() -> None:

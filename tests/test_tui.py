@@ -5,6 +5,7 @@ Replies are kept to a few pieces so the file runs in well under two minutes."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,12 +41,13 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def config_file(tmp_path: Path, smollm2_path: Path, gemma_path: Path) -> Path:
-    """models.toml naming the two bundled models by path, with a small context."""
+    """models.toml naming the two bundled models by path, with a small context (Gemma,
+    a base model, reads the conversation as a transcript)."""
     path = tmp_path / "models.toml"
     path.write_text(
         "[defaults]\nn_ctx = 1024\n\n"
         f'[[model]]\nname = "smollm2-135m"\nsource = "{smollm2_path}"\n\n'
-        f'[[model]]\nname = "gemma3-270m"\nsource = "{gemma_path}"\nchat_template = "gemma"\n',
+        f'[[model]]\nname = "gemma3-270m"\nsource = "{gemma_path}"\n',
         encoding="utf-8",
     )
     return path
@@ -104,6 +106,7 @@ async def test_reply_streams_into_the_conversation_and_is_saved(config_file: Pat
         assert "Say hello." in str(chat(app).query_one(UserMessage).render())
         figures = str(chat(app).query_one("#figures").render())
         assert "pieces/s" in figures and "fwd" in figures
+        assert len(re.findall(r" w [01]\.\d\d", figures)) == 2  # each model's weight now
     records = transcript_records()
     assert records[0]["type"] == "conversation"
     messages = [r for r in records if r["type"] == "message"]
@@ -138,7 +141,7 @@ async def test_escape_stops_the_generation_and_keeps_the_partial_reply(
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         chat(app).query_one(PromptBox).focus()
-        await pilot.press(*"Write a haiku about the sea.")  # greedy: it loops, never ends
+        await pilot.press(*"Count from 1 to 1000, one number per line.")  # a long reply
         await pilot.press("enter")
         await wait_until(pilot, lambda: len(chat(app).query(AssistantMessage).last().events) >= 3)
         await pilot.press("escape")
@@ -178,7 +181,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         screen = chat(app)
-        assert "mcv (" in app.sub_title and "lossless mean" in app.sub_title
+        assert "mcv (" in app.sub_title and "lossless bayes" in app.sub_title
         for selector in ("Header", "#conversation", "#prompt", "#panel", "Footer"):
             region = screen.query_one(selector).region
             assert region.width > 0 and region.height > 0, selector
@@ -192,7 +195,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     text = svg.replace("&#160;", " ")
     for label in (
         "lvr-local",
-        "lossless mean",
+        "lossless bayes",
         "smollm2-135m",
         "gemma3-270m",
         "gpt2",
@@ -214,6 +217,11 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         await pilot.press("ctrl+s")
         settings = app.screen
         assert isinstance(settings, SettingsScreen)
+        await pilot.pause(0.1)
+        for widget in [*settings.query(Input), *settings.query(Select), *settings.query(Button)]:
+            region = widget.region  # every field of the form is on the 80x24 screen
+            assert region.height > 0 and region.bottom <= 24 and region.right <= 80, widget.id
+        assert settings.query_one("#temperature", Input).value == "0.8"  # the chat profile
         settings.query_one("#prune", Input).value = "2"
         settings.query_one("#apply", Button).press()
         await pilot.pause(0.1)
@@ -230,10 +238,13 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         settings.query_one("#max_pieces", Input).value = "3"
         settings.query_one("#min_p", Input).value = "0.05"
         settings.query_one("#prune", Input).value = "1e-3"
+        settings.query_one("#dry_multiplier", Input).value = "0.8"
+        settings.query_one("#calibrate", Select).value = "false"
         settings.query_one("#apply", Button).press()  # a toast may cover it: no click
         await wait_until(pilot, lambda: "lossless product" in app.sub_title)
         assert app.sub_title.startswith("bytes")
         assert app.settings.max_pieces == 3 and app.settings.min_p == 0.05
+        assert app.settings.dry_multiplier == 0.8 and app.settings.calibrate is False
         assert app.runner is not None and app.runner.ensemble.options.prune == 1e-3
         reply = await send(pilot, app, "Hi")
         assert 1 <= len(reply.events) <= 3

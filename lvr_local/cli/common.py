@@ -114,7 +114,22 @@ model_options = _options(
             "restriction baseline.",
         ),
         click.option(
-            "--combine", type=click.Choice(RULES), help="How the models' distributions combine."
+            "--combine",
+            type=click.Choice(RULES),
+            help="How the models' distributions combine (bayes: weights follow each model's "
+            "probability of the text so far).",
+        ),
+        click.option(
+            "--calibrate/--no-calibrate",
+            default=None,
+            help="product: scale the exponents so the positive weights sum to 1 (default), "
+            "or use the weights as given (sharper).",
+        ),
+        click.option(
+            "--switch-rate",
+            type=float,
+            help="bayes: share this fraction of the weight out again after every piece "
+            "(fixed share; 0 = plain Bayes).",
         ),
         click.option(
             "--prune",
@@ -150,10 +165,28 @@ model_options = _options(
 sampling_options = _options(
     [
         click.option("--temperature", "-t", type=float, help="0 = greedy."),
+        click.option("--greedy", is_flag=True, help="Always take the likeliest piece (-t 0)."),
         click.option("--top-k", type=int, help="Keep the k most likely pieces (0 = off)."),
         click.option("--top-p", type=float, help="Nucleus sampling threshold."),
         click.option("--min-p", type=float, help="Drop pieces below min-p x the top one."),
         click.option("--seed", type=int, help="Random seed, for reproducible sampling."),
+        click.option(
+            "--repeat-penalty", type=float, help="Penalise pieces of the recent window (1 = off)."
+        ),
+        click.option(
+            "--repeat-last-n", type=int, help="Window of the penalties (-1 = the whole reply)."
+        ),
+        click.option("--presence-penalty", type=float, help="Subtract this once per seen piece."),
+        click.option("--frequency-penalty", type=float, help="Subtract this per occurrence."),
+        click.option("--dry-multiplier", type=float, help="DRY penalty strength (0 = off)."),
+        click.option("--dry-base", type=float, help="DRY growth per extra repeated piece."),
+        click.option("--dry-allowed-length", type=int, help="Repeats this long are free."),
+        click.option("--dry-penalty-last-n", type=int, help="DRY window (-1 = the whole reply)."),
+        click.option(
+            "--dry-sequence-breakers",
+            multiple=True,
+            help='A string that DRY does not look across (repeat; default: newline, :, ", *).',
+        ),
         click.option("--max-pieces", type=int, help="Stop after this many pieces."),
         click.option("--max-bytes", type=int, help="Stop after this many bytes."),
         click.option("--stop", multiple=True, help="Stop where this string appears (repeat)."),
@@ -166,6 +199,8 @@ SETTING_FLAGS = (
     "sub_vocab",
     "method",
     "combine",
+    "calibrate",
+    "switch_rate",
     "prune",
     "text_prune",
     "max_branches",
@@ -175,6 +210,15 @@ SETTING_FLAGS = (
     "top_p",
     "min_p",
     "seed",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "dry_sequence_breakers",
     "max_pieces",
     "max_bytes",
     "stop",
@@ -184,7 +228,12 @@ SETTING_FLAGS = (
 def settings_from(ctx: click.Context, kw: dict[str, Any], **fixed: Any) -> RunSettings:
     """models.toml's defaults, then the flags given, then what the command fixes."""
     flags = {k: kw.get(k) for k in SETTING_FLAGS}
-    flags["stop"] = tuple(kw.get("stop") or ()) or None  # click gives () when not given
+    for key in ("stop", "dry_sequence_breakers"):  # click gives () when not given
+        flags[key] = tuple(kw.get(key) or ()) or None
+    if kw.get("greedy"):
+        if kw.get("temperature") not in (None, 0):
+            raise LvrError("--greedy and --temperature contradict each other: give one")
+        flags["temperature"] = 0.0
     return with_overrides(get_config(ctx).defaults, **{**flags, **fixed})
 
 

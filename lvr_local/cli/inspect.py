@@ -10,11 +10,12 @@ import click
 
 from lvr_local.cli.common import echo_json, get_config, load_vocab, size_text, table
 from lvr_local.core.vocabulary import TYPE_NAMES, Vocabulary
+from lvr_local.decoding.roles import detect_role
 from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.paths import user_dir
 from lvr_local.runner.config import ModelSpec, find_config_path
-from lvr_local.runner.settings import RunSettings
+from lvr_local.runner.settings import MODES, RunSettings
 from lvr_local.runner.sources import NotAssembledError
 
 
@@ -35,13 +36,14 @@ def models(ctx: click.Context, as_json: bool) -> None:
             "yes" if r["enabled"] else "no",
             r["status"],
             r["size"],
+            r["role"],
             r["tokenizer"],
             r["n_vocab"],
             r["path"],
         )
         for r in records
     ]
-    headers = ("NAME", "ENABLED", "STATUS", "SIZE", "TOKENIZER", "VOCAB", "PATH")
+    headers = ("NAME", "ENABLED", "STATUS", "SIZE", "ROLE", "TOKENIZER", "VOCAB", "PATH")
     click.echo(table(headers, rows))
 
 
@@ -56,6 +58,7 @@ def _model_record(spec: ModelSpec) -> dict[str, object]:
         "path": "",
         "status": "missing",
         "size": "",
+        "role": spec.role or "",
         "tokenizer": "",
         "n_vocab": "",
     }
@@ -72,6 +75,7 @@ def _model_record(spec: ModelSpec) -> dict[str, object]:
     record.update(
         status="found",
         size=size_text(path.stat().st_size),
+        role=spec.role or detect_role(vocab, spec.chat_template),
         tokenizer=vocab.tokenizer_model,
         n_vocab=vocab.n_tokens,
     )
@@ -176,20 +180,29 @@ def settings(ctx: click.Context, as_json: bool) -> None:
     """Show every run setting in force and where it comes from (default or models.toml)."""
     config = get_config(ctx)
     defaults = RunSettings()
-    values = config.defaults.as_record()
+    by_mode = {mode: config.defaults.for_mode(mode).as_record() for mode in MODES}
     if as_json:
-        echo_json({"config": str(config.path), "settings": values})
+        values = config.defaults.as_record()  # None: the mode's value, given in by_mode
+        echo_json({"config": str(config.path), "settings": values, "by_mode": by_mode})
         return
     click.echo(f"config: {config.path}")
     rows = [
         (
             f.name,
-            _shown(values[f.name]),
+            _per_mode(by_mode, f.name),
             "default" if getattr(config.defaults, f.name) == getattr(defaults, f.name) else "file",
         )
         for f in fields(RunSettings)
     ]
     click.echo(table(("SETTING", "VALUE", "FROM"), rows))
+
+
+def _per_mode(by_mode: dict[str, dict[str, object]], key: str) -> str:
+    """One value, or each mode's where they differ ("chat 0.8, raw 0")."""
+    shown = {mode: _shown(values[key]) for mode, values in by_mode.items()}
+    if len(set(shown.values())) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{mode} {value}" for mode, value in shown.items())
 
 
 def _shown(value: object) -> str:

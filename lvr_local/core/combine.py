@@ -1,19 +1,50 @@
 """Combining the members' next-piece distributions into one (docs/algorithm.md §7).
 
-Inputs are log-probabilities over the same sub-vocabulary (END included), one row per
+Inputs are log-probabilities over the same sub-vocabulary (END last), one row per
 model; a piece impossible for a model is -inf there. Outputs are normalised
 log-probabilities; no NaN ever leaves this module.
+
+The rules are stateless: `bayes` mixes like `mean`, with weights (the posterior) that
+the caller keeps up to date (posterior.py). `mixing_weights` turns the members'
+configured weights into the ones a rule uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from lvr_local.errors import LvrError
 
-RULES = ("mean", "product", "max")
+RULES = ("mean", "product", "max", "bayes")
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How members combine: the rule; whether product exponents are calibrated (scaled
+    so that the positive ones sum to 1: a weighted geometric mean, no sharper than its
+    members); and bayes's switching rate (0: the plain posterior; > 0: fixed share)."""
+
+    rule: str = "mean"
+    calibrate: bool = True
+    switch_rate: float = 0.0
+
+
+def mixing_weights(weights: Sequence[float], mixing: Mixing) -> np.ndarray:
+    """The weights `combine` gets: normalised to sum 1 for mean, max and bayes (the
+    prior), where scale does not matter; product exponents divided by the sum of the
+    positive ones when calibrated (a negative exponent keeps its ratio to them), as
+    given otherwise."""
+    w = np.asarray(weights, dtype=np.float64)
+    if mixing.rule == "product":
+        positive = float(w[w > 0].sum())
+        return w / positive if mixing.calibrate and positive > 0 else w
+    total = float(w.sum())
+    return w / total if total > 0 else w
+
+
 # A negative weight rewards pieces the model finds unlikely; an impossible piece would
 # get +inf. Its log-probability is floored here instead (e^-50 ~ 2e-22).
 NEGATIVE_WEIGHT_FLOOR = -50.0
@@ -27,12 +58,50 @@ def log_normalise(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
-def combine(logq: np.ndarray, weights: Sequence[float], rule: str) -> np.ndarray:
-    """Combined log-distribution of a (n_models, n_pieces) array of log q_i."""
+def combine(
+    logq: np.ndarray,
+    weights: Sequence[float],
+    rule: str,
+    can_end: Sequence[bool] | None = None,
+) -> np.ndarray:
+    """Combined log-distribution of a (n_models, n_pieces) array of log q_i, END last.
+
+    `can_end` marks the rows that can signal the end of a turn (None: all). When some
+    cannot (a base model in a chat), END's probability comes from those that can,
+    combined by the rule, and every other piece from all rows conditioned on not
+    ending, renormalised: p(END) = e, p(s) = (1 - e) * rule_i(q_i(s | not END))."""
     w = np.asarray(weights, dtype=np.float64)
     if logq.ndim != 2 or logq.shape[0] != len(w):
         raise ValueError("one row of log-probabilities per weight")
-    if rule == "mean":
+    if can_end is not None and 0 < sum(map(bool, can_end)) < len(w):
+        return _turn_end(logq, w, rule, np.asarray(can_end, dtype=bool))
+    return _rule(logq, w, rule)
+
+
+def _turn_end(logq: np.ndarray, w: np.ndarray, rule: str, can_end: np.ndarray) -> np.ndarray:
+    end = logq.shape[1] - 1
+    w_end = w[can_end]
+    if rule == "product":  # as sharp as the whole product: same sum of positive exponents
+        positive = float(w_end[w_end > 0].sum())
+        w_end = w_end * (float(w[w > 0].sum()) / positive) if positive > 0 else w_end
+    p_end = float(np.exp(_rule(logq[can_end], w_end, rule)[end]))
+    with np.errstate(divide="ignore"):
+        log_stay = np.log1p(-np.exp(logq[:, end]))  # log(1 - q_i(END))
+    rows = np.isfinite(log_stay)  # a row certain to end says nothing about what follows
+    out = np.full(logq.shape[1], -np.inf)
+    if p_end >= 1.0 or not rows.any():
+        out[end] = 0.0
+        return out
+    conditional = logq[rows] - log_stay[rows, None]
+    conditional[:, end] = -np.inf
+    out[:] = _rule(conditional, w[rows], rule) + np.log1p(-p_end)
+    with np.errstate(divide="ignore"):
+        out[end] = np.log(p_end)
+    return out
+
+
+def _rule(logq: np.ndarray, w: np.ndarray, rule: str) -> np.ndarray:
+    if rule in ("mean", "bayes"):
         return _mean(logq, w)
     if rule == "product":
         return _product(logq, w)

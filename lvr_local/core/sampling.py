@@ -1,4 +1,6 @@
-"""Choosing a piece from the combined distribution: greedy, temperature, top-k, top-p, min-p."""
+"""Choosing a piece from the combined distribution: greedy, or sampling with top-k,
+top-p, min-p and a temperature, in llama.cpp's order (common/sampling.cpp: the
+truncations see the distribution before the temperature reshapes it)."""
 
 from __future__ import annotations
 
@@ -24,25 +26,28 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def choose(self, logp: np.ndarray) -> int:
+        """A piece from `logp` (log-probabilities, or penalised scores): greedy at
+        temperature 0; else llama.cpp's chain: top-k, top-p and min-p on the
+        distribution as given, then the temperature on what is left, then a draw."""
         p = self.params
         if p.temperature <= 0:
             return int(np.argmax(logp))
-        scores = logp / p.temperature
-        keep = np.isfinite(scores)
-        if p.top_k > 0 and p.top_k < int(keep.sum()):
-            threshold = np.partition(scores, -p.top_k)[-p.top_k]
-            keep &= scores >= threshold
-        candidates = np.flatnonzero(keep)
-        probs = np.exp(scores[candidates] - scores[candidates].max())
+        candidates = np.flatnonzero(np.isfinite(logp))
+        scores = logp[candidates]
+        if 0 < p.top_k < len(candidates):
+            keep = np.argpartition(-scores, p.top_k - 1)[: p.top_k]
+            candidates, scores = candidates[keep], scores[keep]
+        order = np.argsort(-scores, kind="stable")
+        candidates, scores = candidates[order], scores[order]
+        probs = np.exp(scores - scores[0])
         probs /= probs.sum()
+        n = len(candidates)
+        if p.top_p < 1.0:  # the smallest head reaching top_p
+            n = min(n, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
         if p.min_p > 0:
-            mask = probs >= p.min_p * probs.max()
-            candidates, probs = candidates[mask], probs[mask] / probs[mask].sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cumulative = np.cumsum(probs[order])
-            n = int(np.searchsorted(cumulative, p.top_p)) + 1  # smallest set reaching top_p
-            chosen = order[:n]
-            candidates, probs = candidates[chosen], probs[chosen] / probs[chosen].sum()
-        index = int(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"))
-        return int(candidates[min(index, len(candidates) - 1)])
+            n = min(n, int(np.count_nonzero(probs >= p.min_p * probs[0])))
+        candidates, scores = candidates[:n], scores[:n] / p.temperature
+        weights = np.exp(scores - scores[0])
+        draw = self.rng.random() * weights.sum()
+        index = int(np.searchsorted(np.cumsum(weights), draw, side="right"))
+        return int(candidates[min(index, n - 1)])

@@ -48,6 +48,8 @@ class Vocabulary:
     add_space_prefix: bool
     chat_template: str | None = field(repr=False)
     n_undecodable: int = 0
+    model_name: str | None = None  # GGUF general.name, e.g. "SmolLM2 135M Instruct"
+    finetune: str | None = None  # GGUF general.finetune: set when the weights were fine-tuned
 
     @classmethod
     def from_token_bytes(
@@ -130,4 +132,6 @@ class Vocabulary:
             "mean_token_bytes": round(float(lengths.mean()), 3) if len(lengths) else 0.0,
             "has_chat_template": self.chat_template is not None,
             "n_undecodable": self.n_undecodable,
+            "model_name": self.model_name,
+            "finetune": self.finetune,
         }

@@ -7,6 +7,11 @@ alone is plain lossless reduction of that model. The *method* says how a member'
 token distribution becomes a piece distribution: `lossless` (the reduction) or `naive`
 (the restriction baseline); the *rule* says how members are combined.
 
+In a conversation each member reads its native format (roles.py): a chat member its
+chat template, a base member a plain transcript. END then comes from the members that
+can end a turn (combine.py). The `bayes` rule's weights are the members' posterior
+probabilities (posterior.py), updated with every piece the ensemble advances by.
+
 A raw prompt that ends mid-token runs on bytes first (byte_phase.py); how the members
 share the cores is scheduling.py's; the generation loop with budgets and stops is
 generation.py's.
@@ -20,15 +25,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lvr_local.core.chat import Message
-from lvr_local.core.combine import RULES, combine, dominant_model
+from lvr_local.core.combine import RULES, Mixing, combine, dominant_model, mixing_weights
 from lvr_local.core.decompose import DecompositionTables, decomposition_tables
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.core.naive import NaiveState
+from lvr_local.core.posterior import Posterior
 from lvr_local.core.reduction import EngineOptions, PieceModel, ReducedState
 from lvr_local.core.subvocab import SubVocabulary, parse_spec
 from lvr_local.decoding.byte_phase import BytePhase
 from lvr_local.decoding.members import Member
 from lvr_local.decoding.prompting import PreparedPrompt, prepare_chat, prepare_raw
+from lvr_local.decoding.roles import TURN_SEPARATORS, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.errors import LvrError
 from lvr_local.llama.chat_template import format_chat
@@ -45,7 +52,8 @@ class PieceEvent:
     text: bytes
     logprob: float  # under the combined distribution
     member_logprobs: tuple[float, ...]  # each member's log q_i of this piece
-    weights: tuple[float, ...]
+    weights: tuple[float, ...]  # the members' configured weights
+    mix_weights: tuple[float, ...]  # the weights the rule used here (bayes: the posterior)
     dominant: int  # the member whose weighted probability of it was largest
     pruned: tuple[float, ...]  # each member's share of Q dropped by this step
     byte_level: bool  # emitted during the byte-level phase after a mid-token prompt
@@ -74,17 +82,17 @@ class Ensemble:
         *,
         sub_vocab: str = "mcv",
         method: str = "lossless",
-        rule: str = "mean",
+        mixing: Mixing | None = None,
         options: EngineOptions | None = None,
         scheduler: CoreScheduler | None = None,
     ) -> None:
         if not members:
             raise LvrError("an ensemble needs at least one model")
+        self.mixing = mixing or Mixing()
         _check_choice("method", method, METHODS)
-        _check_choice("combination rule", rule, RULES)
+        _check_choice("combination rule", self.mixing.rule, RULES)
         self.members = list(members)
         self.method = method
-        self.rule = rule
         self.options = options or EngineOptions()
         self.scheduler = scheduler or CoreScheduler()
         self.sub = parse_spec(sub_vocab, [m.vocab for m in self.members])
@@ -93,7 +101,10 @@ class Ensemble:
         self._states: list[PieceModel | None] = []
         self._live: list[bool] = []
         self._known = b""
+        self._can_end: list[bool] = []
+        self._posterior: Posterior | None = None
         self._phase_sub = self.sub
+        self.turn_separators: tuple[bytes, ...] = ()  # reply text that ends the turn
 
     # ----------------------------------------------------------------- set-up
 
@@ -101,6 +112,10 @@ class Ensemble:
     def concurrent(self) -> bool:
         """Whether this generation's members decode at once."""
         return self.scheduler.concurrent
+
+    @property
+    def rule(self) -> str:
+        return self.mixing.rule
 
     @property
     def weights(self) -> list[float]:
@@ -116,20 +131,37 @@ class Ensemble:
         """Condition every enabled member on a raw prompt (may end mid-token). `known`:
         text known to follow the prompt (a scored text), for pruning the forced tail."""
         self._known = known
-        self._start(lambda m: prepare_raw(m.backend, m.vocab, text))
+        self._start(lambda m: prepare_raw(m.backend, m.vocab, text), chat=False)
 
     def start_chat(self, messages: Sequence[Message]) -> None:
-        """Condition every enabled member on a conversation, each with its own template."""
+        """Condition every enabled member on a conversation in its own format: a chat
+        member with its chat template, a base member as a plain transcript."""
         self._known = b""
-        self._start(
-            lambda m: prepare_chat(m.backend, format_chat(m.chat_template, messages, model=m.name))
-        )
+        self._start(lambda m: self._chat_prompt(m, messages), chat=True)
 
-    def _start(self, prepare: Callable[[Member], PreparedPrompt]) -> None:
+    @staticmethod
+    def _chat_prompt(member: Member, messages: Sequence[Message]) -> PreparedPrompt:
+        if member.role == "base":
+            text = format_transcript(messages).encode("utf-8")
+            return prepare_raw(member.backend, member.vocab, text)
+        formatted = format_chat(member.chat_template, messages, model=member.name)
+        return prepare_chat(member.backend, formatted)
+
+    def _start(self, prepare: Callable[[Member], PreparedPrompt], *, chat: bool) -> None:
         self._close_states()
         self._live = [m.enabled for m in self.members]
         if not any(self._live):
             raise LvrError("every model is disabled")
+        # In a conversation only chat members signal the end of a turn; a base member
+        # ends it by starting the next one in its transcript.
+        self._can_end = [not chat or m.role != "base" for m in self.members]
+        live = [i for i, ok in enumerate(self._live) if ok]
+        base = not all(self._can_end[i] for i in live)
+        self.turn_separators = tuple(s.encode("utf-8") for s in TURN_SEPARATORS) if base else ()
+        self._posterior = None
+        if self.rule == "bayes":
+            prior = [m.weight if i in live else 0.0 for i, m in enumerate(self.members)]
+            self._posterior = Posterior(prior, self.mixing.switch_rate)
         prompts = {i: prepare(m) for i, m in enumerate(self.members) if self._live[i]}
         on_bytes = self.method == "lossless" and any(p.tail for p in prompts.values())
         self._phase_sub = self._byte_phase.sub if on_bytes else self.sub
@@ -185,11 +217,22 @@ class Ensemble:
         logq[live] = rows
         return logq
 
+    def mix_weights(self) -> np.ndarray:
+        """The weights the rule uses for the next piece, one per member (0 for a member
+        out of this generation): the posterior under bayes, else the configured weights
+        normalised (product exponents calibrated unless asked not to)."""
+        if self.rule == "bayes" and self._posterior is not None:
+            return self._posterior.weights
+        live = [m.weight if ok else 0.0 for m, ok in zip(self.members, self._live, strict=True)]
+        return mixing_weights(live, self.mixing)
+
     def combined(self, logq: np.ndarray) -> np.ndarray:
-        active = [i for i, m in enumerate(self.members) if self._live[i] and m.weight != 0]
+        w = self.mix_weights()
+        active = [i for i in range(len(self.members)) if self._live[i] and w[i] != 0]
         if not active:
             raise LvrError("every model is disabled, has weight 0, or cannot follow the text")
-        return combine(logq[active], [self.members[i].weight for i in active], self.rule)
+        can_end = [self._can_end[i] for i in active]
+        return combine(logq[active], w[active], self.rule, can_end)
 
     def step(
         self, choose: Callable[[np.ndarray], int], index: int = 0, top_n: int = 0
@@ -220,6 +263,9 @@ class Ensemble:
         sub = self._phase_sub
         if logp[piece] == -np.inf:
             raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
+        mix = self.mix_weights()
+        if self._posterior is not None:
+            self._posterior.update(logq[:, piece])
         pruned = [0.0] * len(self.members)
         left = []
         for i, state in enumerate(self._states):
@@ -238,7 +284,8 @@ class Ensemble:
             logprob=float(logp[piece]),
             member_logprobs=tuple(float(x) for x in logq[:, piece]),
             weights=tuple(self.weights),
-            dominant=dominant_model(logq, self.weights, piece),
+            mix_weights=tuple(float(x) for x in mix),
+            dominant=dominant_model(logq, mix, piece),
             pruned=tuple(pruned),
             byte_level=sub is not self.sub,
             left=tuple(left),

@@ -31,14 +31,16 @@ class MemberModel(NextTokenModel, Protocol):
 
 @dataclass(eq=False)
 class Member:
-    """One model of the ensemble. `enabled` is the front ends' on/off switch (it takes
-    effect at the next prompt); `auto_threads` means no thread count was configured, so
-    the scheduler shares the cores out."""
+    """One model of the ensemble. `role` is "chat" or "base" (roles.py: how it reads a
+    conversation); `enabled` is the front ends' on/off switch (it takes effect at the
+    next prompt); `auto_threads` means no thread count was configured, so the scheduler
+    shares the cores out."""
 
     name: str
     vocab: Vocabulary
     backend: MemberModel
     weight: float = 1.0
     chat_template: str | None = None
+    role: str = "chat"
     enabled: bool = True
     auto_threads: bool = False

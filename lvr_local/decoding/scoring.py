@@ -54,12 +54,15 @@ class Scoring:
         return self.record()
 
     def record(self) -> dict[str, object]:
-        """{"n_bytes", "models": {name: {logprob, bits_per_byte, pruned_mass}}, "ensemble"}
-        (log-probabilities in nats, conditioned on the prompt; no "ensemble" for one
-        model). Over the bytes scored so far when the scoring was cut short."""
+        """{"n_bytes", "models": {name: {logprob, bits_per_byte, pruned_mass,
+        mix_weight}}, "ensemble"} (log-probabilities in nats, conditioned on the prompt;
+        mix_weight: the weight the rule gives the model after the text, its posterior
+        under bayes; no "ensemble" for one model). Over the bytes scored so far when the
+        scoring was cut short."""
         n = max(self.n_scored, 1)
         per_byte = 1.0 / (n * math.log(2))
         pruned = self.ensemble.pruned_mass()
+        mix = self.ensemble.mix_weights()
         members = self.ensemble.members
         result: dict[str, object] = {
             "n_bytes": self.n_scored,
@@ -68,6 +71,7 @@ class Scoring:
                     "logprob": float(lp),
                     "bits_per_byte": float(-lp * per_byte),
                     "pruned_mass": pruned[i] if i < len(pruned) else 0.0,
+                    "mix_weight": float(mix[i]),
                     **({"cannot_spell_byte": self.left[i]} if i in self.left else {}),
                 }
                 for i, (m, lp) in enumerate(zip(members, self.member_logp, strict=True))
@@ -75,6 +79,7 @@ class Scoring:
         }
         if len(members) > 1:
             result["ensemble"] = {
+                "combine": self.ensemble.rule,
                 "logprob": float(self.ensemble_logp),
                 "bits_per_byte": float(-self.ensemble_logp * per_byte),
             }

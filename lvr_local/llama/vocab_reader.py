@@ -40,7 +40,7 @@ SUPPORTED_TOKENIZERS = {
     "gemma4": "Gemma 4 BPE",
 }
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
@@ -111,6 +111,8 @@ def read_vocabulary_from_llama(path: Path, name: str) -> Vocabulary:
             ),
             chat_template=model.chat_template(),
             n_undecodable=len(undecodable),
+            model_name=model.meta("general.name"),
+            finetune=model.meta("general.finetune"),
         )
 
 
@@ -172,6 +174,8 @@ _META_FIELDS = (
     "add_space_prefix",
     "chat_template",
     "n_undecodable",
+    "model_name",
+    "finetune",
 )
 
 

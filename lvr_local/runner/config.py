@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lvr_local.decoding.roles import ROLES
 from lvr_local.errors import ConfigError
 from lvr_local.paths import user_dir
 from lvr_local.runner.settings import SCHEMA, Check, RunSettings, checked, with_overrides
@@ -23,7 +24,8 @@ from lvr_local.runner.sources import resolve_source
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One [[model]] table. n_ctx and n_gpu_layers: None takes the run's settings."""
+    """One [[model]] table. n_ctx and n_gpu_layers: None takes the run's settings; role
+    None: detected from the GGUF (roles.py)."""
 
     name: str
     source: str
@@ -32,6 +34,7 @@ class ModelSpec:
     n_ctx: int | None = None
     n_gpu_layers: int | None = None
     chat_template: str | None = None
+    role: str | None = None
     base_dir: Path | None = field(default=None, compare=False)
 
     def resolve_path(self, *, assemble: bool = True) -> Path:
@@ -60,6 +63,7 @@ _MODEL_KEYS: dict[str, Check] = {
     "n_ctx": SCHEMA["n_ctx"],
     "n_gpu_layers": SCHEMA["n_gpu_layers"],
     "chat_template": ((str,), "a llama.cpp template name or a Jinja template", None),
+    "role": ((str,), "one of " + ", ".join(ROLES), lambda v: v in ROLES),
 }
 _TOP_KEYS = ("defaults", "model")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from lvr_local.decoding.members import Member
+from lvr_local.decoding.roles import detect_role
 from lvr_local.llama.backend import LlamaBackend
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import ModelSpec
@@ -34,12 +35,14 @@ def load_member(
         n_threads=threads,
         n_seq_max=N_SEQ_MAX,
     )
+    template = spec.chat_template or vocab.chat_template
     member = Member(
         name=spec.name,
         vocab=vocab,
         backend=backend,
         weight=spec.weight,
-        chat_template=spec.chat_template or vocab.chat_template,
+        chat_template=template,
+        role=spec.role or detect_role(vocab, template),
         enabled=spec.enabled,
         auto_threads=threads is None,
     )

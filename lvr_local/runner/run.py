@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lvr_local.core.chat import Message
+from lvr_local.core.repetition import RepetitionControl
 from lvr_local.core.sampling import Sampler
 from lvr_local.decoding.ensemble import Ensemble, PieceEvent
 from lvr_local.decoding.generation import RunStats, generate
@@ -43,6 +44,7 @@ class ModelInfo:
     n_vocab: int
     weight: float
     enabled: bool
+    role: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class MemberFigures:
     cache_hits: int
     alive: int
     pruned: float
+    mix_weight: float  # the weight the rule gives it now (bayes: its posterior)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,9 @@ class Runner:
 
     def model_infos(self) -> list[ModelInfo]:
         return [
-            ModelInfo(m.name, m.vocab.tokenizer_model, m.vocab.n_tokens, m.weight, m.enabled)
+            ModelInfo(
+                m.name, m.vocab.tokenizer_model, m.vocab.n_tokens, m.weight, m.enabled, m.role
+            )
             for m in self.members
         ]
 
@@ -138,7 +143,8 @@ class Runner:
 
     def ensemble_for(self, settings: RunSettings) -> Ensemble:
         """The ensemble for these settings: the current one, or a new one over the same
-        members when a setting that shapes it changed."""
+        members when a setting that shapes it changed (the combination rule does not:
+        each run sets it)."""
         if not self.members:
             raise LvrError("the models are not loaded yet")
         key = settings.ensemble_key()
@@ -147,7 +153,6 @@ class Runner:
                 self.members,
                 sub_vocab=settings.sub_vocab,
                 method=settings.method,
-                rule=settings.combine,
                 options=settings.engine_options(),
                 scheduler=CoreScheduler(self._concurrent),
             )
@@ -169,13 +174,13 @@ class Runner:
         stop: threading.Event | None = None,
         top_n: int = 0,
     ) -> Run:
-        """A reply to a conversation, each member on its own chat template. Setting
-        `stop` (from any thread) ends the run after the current piece; top_n > 0 lists
-        each piece's top_n most likely alternatives in its event."""
-        settings = settings or self.settings
-        ensemble = self._prepare(settings, scoring=False)
+        """A reply to a conversation, each member in its own format (a chat template,
+        or a transcript for a base model), sampled with the chat profile's defaults.
+        Setting `stop` (from any thread) ends the run after the current piece; top_n > 0
+        lists each piece's top_n most likely alternatives in its event."""
+        resolved, ensemble = self._for_run(settings, "chat")
         ensemble.start_chat(messages)
-        return Run(self, ensemble, settings, stop, top_n)
+        return Run(self, ensemble, resolved, stop, top_n)
 
     def complete(
         self,
@@ -184,11 +189,11 @@ class Runner:
         stop: threading.Event | None = None,
         top_n: int = 0,
     ) -> Run:
-        """A continuation of a raw prompt (exact when it ends mid-token)."""
-        settings = settings or self.settings
-        ensemble = self._prepare(settings, scoring=False)
+        """A continuation of a raw prompt (exact when it ends mid-token), greedy and
+        unpenalised unless the settings say otherwise."""
+        resolved, ensemble = self._for_run(settings, "raw")
         ensemble.start_raw(prompt)
-        return Run(self, ensemble, settings, stop, top_n)
+        return Run(self, ensemble, resolved, stop, top_n)
 
     def score(
         self, text: bytes, prompt: bytes = b"", settings: RunSettings | None = None
@@ -196,15 +201,23 @@ class Runner:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
         returned Scoring for one event per byte, then take its `record()`. `settings`
         (default: the runner's) choose the method, rule, pruning and numerics."""
-        settings = replace(settings or self.settings, sub_vocab="bytes")
-        return Scoring(self._prepare(settings, scoring=True), text, prompt)
+        base = replace(settings or self.settings, sub_vocab="bytes")
+        _, ensemble = self._for_run(base, "raw", scoring=True)
+        return Scoring(ensemble, text, prompt)
 
-    def _prepare(self, settings: RunSettings, *, scoring: bool) -> Ensemble:
-        """The ensemble for a run, its members on the numeric path the run needs."""
-        exact = settings.exact_numerics(scoring)
+    def _for_run(
+        self, settings: RunSettings | None, mode: str, *, scoring: bool = False
+    ) -> tuple[RunSettings, Ensemble]:
+        """The settings of a run in `mode` (its profile fills what is not set), the
+        members on the numeric path it needs, and the ensemble, combining by those
+        settings' rule (set per run: no rebuild)."""
+        resolved = (settings or self.settings).for_mode(mode)
+        exact = resolved.exact_numerics(scoring)
         for backend in self.backends:
             backend.set_exact(exact)
-        return self.ensemble_for(settings)
+        ensemble = self.ensemble_for(resolved)
+        ensemble.mixing = resolved.mixing()
+        return resolved, ensemble
 
     def counters(self) -> list[dict[str, int]]:
         return [vars(b.counters).copy() for b in self.backends]
@@ -259,6 +272,7 @@ class Run:
             settings.budget(),
             self.stats,
             self._stop.is_set,
+            RepetitionControl(settings.repetition()),
             top_n,
         )
 
@@ -290,6 +304,7 @@ class Run:
         """Counters since the run began, for live panels."""
         now = self.runner.counters()
         pruned = self.ensemble.pruned_mass()
+        mix = self.ensemble.mix_weights()
         members = tuple(
             MemberFigures(
                 name=m.name,
@@ -297,6 +312,7 @@ class Run:
                 cache_hits=now[i]["cache_hits"] - self._baseline[i]["cache_hits"],
                 alive=now[i]["alive_sequences"],
                 pruned=pruned[i] if i < len(pruned) else 0.0,
+                mix_weight=float(mix[i]),
             )
             for i, m in enumerate(self.ensemble.members)
         )
@@ -304,8 +320,10 @@ class Run:
         return LiveFigures(self.stats.pieces, len(self.data), seconds, members)
 
     def record(self) -> dict[str, Any]:
-        """The run's JSON record: text, counts, stop reason, settings and each model."""
+        """The run's JSON record: text, counts, stop reason, settings and each model
+        (its role, configured weight, and the weight the rule gave it last)."""
         ens, settings = self.ensemble, self.settings
+        mix = ens.mix_weights()
         record: dict[str, Any] = {
             "text": self.text,
             "pieces": self.stats.pieces,
@@ -317,9 +335,17 @@ class Run:
             "combine": settings.combine,
             "models_at_once": ens.concurrent,
             "models": [
-                {"name": m.name, "weight": m.weight, "n_threads": b.n_threads, **vars(b.counters)}
-                for m, b in zip(ens.members, self.runner.backends, strict=True)
+                {
+                    "name": m.name,
+                    "role": m.role,
+                    "weight": m.weight,
+                    "mix_weight": float(w),
+                    "n_threads": b.n_threads,
+                    **vars(b.counters),
+                }
+                for m, w, b in zip(ens.members, mix, self.runner.backends, strict=True)
             ],
+            "settings": settings.as_record(),
         }
         if self.left:  # never silent: a member that could not spell the text said so
             record["left"] = [{"name": n, "at_piece": i} for n, i in self.left.items()]

@@ -4,6 +4,13 @@ A run's settings come from three places, later ones winning: these defaults, the
 `[defaults]` table of models.toml, and the front end (command-line flags, the TUI's
 settings form, a server request). Every value passes the same checks wherever it comes
 from, and a bad one is reported with its name, where it came from, and what is expected.
+
+Sampling depends on the mode. A conversation samples like llama.cpp and Ollama do
+(temperature, top-k, top-p, min-p, a mild DRY repetition penalty); a raw completion, like
+scoring, keeps the exact conventions (greedy, nothing penalised), so that it shows what
+the ensemble predicts. Those settings default to None, "the mode's", and PROFILES holds
+each mode's value, written once; a value set in models.toml or on the command line
+applies in both modes.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from lvr_local.core.combine import RULES
+from lvr_local.core.combine import RULES, Mixing
 from lvr_local.core.reduction import (
     DEFAULT_MAX_BRANCHES,
     DEFAULT_PRUNE,
     DEFAULT_TEXT_PRUNE,
     EngineOptions,
 )
+from lvr_local.core.repetition import RepetitionParams
 from lvr_local.core.sampling import SamplingParams
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
@@ -30,14 +38,44 @@ SUB_VOCAB_PATTERN = re.compile(r"^(mcv|bytes|maxlen:[1-9][0-9]*)$")
 MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs more
 
 
+MODES = ("chat", "raw")
+_REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
+
+# The settings whose default depends on the mode (None in RunSettings), chosen by
+# `python -m lvr_local.benchmarks chat` (README, "Measured"). Chat: llama.cpp's sampling
+# defaults (common/common.h) with DRY at 0.8, its authors' suggested strength, and the
+# bayes rule, which ended replies and avoided repeats best. Raw: greedy, unpenalised,
+# and the mean rule, the better predictor of text.
+PROFILES: dict[str, dict[str, Any]] = {
+    "chat": {
+        "combine": "bayes",
+        "temperature": 0.8,
+        "top_k": 40,
+        "top_p": 0.95,
+        "min_p": 0.05,
+        "dry_multiplier": 0.8,
+    },
+    "raw": {
+        "combine": Mixing.rule,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "dry_multiplier": _REPETITION.dry_multiplier,
+    },
+}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, numerics
     (auto: exact for scoring, fast for generation; docs/algorithm.md §8). Reduction
-    (docs/algorithm.md §4-7): sub_vocab, method, combine, prune (generation),
-    text_prune (known text: scoring, forced prompt tails), max_branches, token_top_k.
-    Sampling over pieces: temperature, top_k, top_p, min_p, seed. Budgets: max_pieces,
-    max_bytes, stop."""
+    (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
+    (generation), text_prune (known text: scoring, forced prompt tails), max_branches,
+    token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
+    Repetition (llama.cpp's names): repeat_penalty, repeat_last_n, presence_penalty,
+    frequency_penalty, dry_*. Budgets: max_pieces, max_bytes, stop. None: the mode's
+    value (PROFILES)."""
 
     n_ctx: int = 4096
     n_gpu_layers: int = 0
@@ -45,16 +83,27 @@ class RunSettings:
     numerics: str = "auto"
     sub_vocab: str = "mcv"
     method: str = "lossless"
-    combine: str = "mean"
+    combine: str | None = None
+    calibrate: bool = Mixing.calibrate
+    switch_rate: float = Mixing.switch_rate
     prune: float = DEFAULT_PRUNE
     text_prune: float = DEFAULT_TEXT_PRUNE
     max_branches: int = DEFAULT_MAX_BRANCHES
     token_top_k: int = 0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
     seed: int | None = None
+    repeat_penalty: float = _REPETITION.repeat_penalty
+    repeat_last_n: int = _REPETITION.repeat_last_n
+    presence_penalty: float = _REPETITION.presence_penalty
+    frequency_penalty: float = _REPETITION.frequency_penalty
+    dry_multiplier: float | None = None
+    dry_base: float = _REPETITION.dry_base
+    dry_allowed_length: int = _REPETITION.dry_allowed_length
+    dry_penalty_last_n: int = _REPETITION.dry_penalty_last_n
+    dry_sequence_breakers: tuple[str, ...] = _REPETITION.dry_sequence_breakers
     max_pieces: int = 256
     max_bytes: int | None = None
     stop: tuple[str, ...] = ()
@@ -64,6 +113,18 @@ class RunSettings:
         numbers must not move with batching) and generation does not (speed)."""
         return self.numerics == "exact" or (self.numerics == "auto" and scoring)
 
+    def for_mode(self, mode: str) -> RunSettings:
+        """These settings with every mode-dependent one not set taken from the mode's
+        profile: "chat" (conversations) or "raw" (raw completion)."""
+        unset = {k: v for k, v in PROFILES[mode].items() if getattr(self, k) is None}
+        return replace(self, **unset)
+
+    def _resolved(self, key: str) -> Any:
+        value = getattr(self, key)
+        if value is None:
+            raise ValueError(f"'{key}' depends on the mode: call for_mode() first")
+        return value
+
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
             prune=self.prune,
@@ -72,8 +133,25 @@ class RunSettings:
             max_branches=self.max_branches or None,
         )
 
+    def mixing(self) -> Mixing:
+        return Mixing(self._resolved("combine"), self.calibrate, self.switch_rate)
+
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+        values = (self._resolved(k) for k in ("temperature", "top_k", "top_p", "min_p"))
+        return SamplingParams(*values, self.seed)
+
+    def repetition(self) -> RepetitionParams:
+        return RepetitionParams(
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            dry_multiplier=self._resolved("dry_multiplier"),
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            dry_penalty_last_n=self.dry_penalty_last_n,
+            dry_sequence_breakers=self.dry_sequence_breakers,
+        )
 
     def budget(self) -> Budget:
         return Budget(self.max_pieces, self.max_bytes, self.stop)
@@ -83,7 +161,6 @@ class RunSettings:
         return (
             self.sub_vocab,
             self.method,
-            self.combine,
             self.prune,
             self.text_prune,
             self.max_branches,
@@ -93,6 +170,7 @@ class RunSettings:
     def as_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["stop"] = list(self.stop)
+        record["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
         return record
 
 
@@ -102,6 +180,21 @@ Check = tuple[tuple[type, ...], str, Any]
 
 def _finite(v: float) -> bool:
     return math.isfinite(v)
+
+
+def _penalty_factor(v: float) -> bool:
+    return 0.01 <= v <= 100
+
+
+def _bounded(v: float) -> bool:
+    return -100 <= v <= 100
+
+
+def _strings(v: list[Any] | tuple[Any, ...]) -> bool:
+    return all(isinstance(s, str) for s in v)
+
+
+_WINDOW = "an integer >= -1 (pieces; -1 = the whole reply, 0 = off)"
 
 
 SCHEMA: dict[str, Check] = {
@@ -116,6 +209,8 @@ SCHEMA: dict[str, Check] = {
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
+    "calibrate": ((bool,), "true or false", None),
+    "switch_rate": ((int, float), "a number in [0, 1) (0 = plain bayes)", lambda v: 0 <= v < 1),
     "prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "text_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "max_branches": ((int,), "an integer >= 0 (0 = no cap)", lambda v: v >= 0),
@@ -125,9 +220,18 @@ SCHEMA: dict[str, Check] = {
     "top_p": ((int, float), "a number in (0, 1]", lambda v: 0 < v <= 1),
     "min_p": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "seed": ((int,), "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2**63),
+    "repeat_penalty": ((int, float), "a number from 0.01 to 100 (1 = off)", _penalty_factor),
+    "repeat_last_n": ((int,), _WINDOW, lambda v: v >= -1),
+    "presence_penalty": ((int, float), "a number from -100 to 100 (0 = off)", _bounded),
+    "frequency_penalty": ((int, float), "a number from -100 to 100 (0 = off)", _bounded),
+    "dry_multiplier": ((int, float), "a number from 0 to 100 (0 = off)", lambda v: 0 <= v <= 100),
+    "dry_base": ((int, float), "a number from 1 to 100", lambda v: 1 <= v <= 100),
+    "dry_allowed_length": ((int,), "an integer >= 0", lambda v: v >= 0),
+    "dry_penalty_last_n": ((int,), _WINDOW, lambda v: v >= -1),
+    "dry_sequence_breakers": ((tuple, list), "a list of strings", _strings),
     "max_pieces": ((int,), "an integer >= 1", lambda v: v >= 1),
     "max_bytes": ((int,), "an integer >= 1", lambda v: v >= 1),
-    "stop": ((tuple, list), "a list of strings", lambda v: all(isinstance(s, str) for s in v)),
+    "stop": ((tuple, list), "a list of strings", _strings),
 }
 assert set(SCHEMA) == {f.name for f in fields(RunSettings)}, "every setting has a check"
 
@@ -155,9 +259,15 @@ def with_overrides(
 ) -> RunSettings:
     """Settings with `overrides` applied; None means 'not given'."""
     given = checked({k: v for k, v in overrides.items() if v is not None}, where)
-    if "stop" in given:
-        given["stop"] = tuple(given["stop"])
-    for key in ("prune", "text_prune", "temperature", "top_p", "min_p"):
+    for key in ("stop", "dry_sequence_breakers"):
         if key in given:
+            given[key] = tuple(given[key])
+    for key, kind in SCHEMA.items():
+        if key in given and kind[0] == (int, float):
             given[key] = float(given[key])
     return replace(settings, **given)
+
+
+for _mode, _profile in PROFILES.items():
+    assert set(_profile) == set(PROFILES["chat"]), "every profile sets the same settings"
+    checked(_profile, f"profile {_mode}")

@@ -137,18 +137,14 @@ def max_pieces(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, int
     return "max_tokens", req.max_tokens
 
 
-# MERGE: presence_penalty / frequency_penalty. Another branch adds these two run
-# settings; once RunSettings has them, return {"presence_penalty": ("presence_penalty",
-# presence), "frequency_penalty": ("frequency_penalty", frequency)} here (their values
-# then pass the settings' checks) and drop the refusal, with its test cases: the
-# penalty rows of tests/test_server_plan.py::test_a_bad_option_is_refused_naming_its_field
-# and the "penalty" case of tests/test_server.py.
 def penalty_settings(presence: float | None, frequency: float | None) -> dict[str, tuple[str, Any]]:
-    """The run settings of OpenAI's penalties (range [-2, 2] checked by the schema)."""
+    """OpenAI's penalties are the run settings of the same names (over pieces; range
+    [-2, 2] checked by the request schema, the settings' checks after it)."""
+    values: dict[str, tuple[str, Any]] = {}
     for field, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
-        if value:
-            raise ApiError(400, f"'{field}' is not supported yet: only 0 is accepted", param=field)
-    return {}
+        if value is not None:
+            values[field] = (field, float(value))
+    return values
 
 
 def member_weights(

@@ -34,14 +34,14 @@ class LvrApp(App[None]):
         super().__init__()
         self.config: Config | None = None
         self.runner: Runner | None = None
-        self.settings = RunSettings()
+        self.settings = RunSettings().for_mode("chat")
         self.system_prompt = ""
         self.lock = threading.Lock()
         self.stop_event: threading.Event | None = None
         self._config_error: str | None = None
         try:
             self.config = load_config(config_path)
-            self.settings = self.config.defaults
+            self.settings = self.config.defaults.for_mode("chat")  # the TUI only chats
             if max_pieces is not None:
                 self.settings = replace(self.settings, max_pieces=max_pieces)
             self.runner = Runner(self.config.enabled_models, self.settings)

@@ -157,7 +157,7 @@ class ChatScreen(Screen[None]):
                 runner.load(
                     lambda label, done, total: self.post_message(LoadProgress(label, done, total))
                 )
-                ready = EnsembleReady(runner.model_infos(), describe(runner))
+                ready = EnsembleReady(runner.model_infos(), describe(runner, runner.settings))
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
@@ -169,7 +169,7 @@ class ChatScreen(Screen[None]):
         try:
             with self.lvr.lock:
                 runner.settings = settings
-                ready = EnsembleReady(runner.model_infos(), describe(runner))
+                ready = EnsembleReady(runner.model_infos(), describe(runner, settings))
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
@@ -361,14 +361,14 @@ class ChatScreen(Screen[None]):
             self.log_file.append({"type": "settings", "system_prompt": system_prompt})
         self.lvr.system_prompt = system_prompt
         runner = self.lvr.runner
-        if (
-            runner is not None
-            and runner.loaded
-            and (self.lvr.settings.ensemble_key() != old.ensemble_key())
-        ):
+        if runner is None or not runner.loaded:
+            return
+        if self.lvr.settings.ensemble_key() != old.ensemble_key():
             self.busy = True
             self.notify("rebuilding the ensemble …", timeout=2)
             self.rebuild(self.lvr.settings)
+        else:  # the rule and sampling apply from the next reply on
+            self.app.sub_title = describe(runner, self.lvr.settings)
 
     def action_open_list(self) -> None:
         self.app.push_screen(ConversationsScreen(), self._open)
@@ -405,9 +405,9 @@ class ChatScreen(Screen[None]):
         self.notify(f"opened {saved.path.name}", timeout=2)
 
 
-def describe(runner: Runner) -> str:
+def describe(runner: Runner, settings: RunSettings) -> str:
     """The header's line: sub-vocabulary, method and combination rule."""
-    ens, settings = runner.ensemble, runner.settings
+    ens = runner.ensemble_for(settings)
     return f"{ens.sub.describe()} · {settings.method} {settings.combine}"
 
 
@@ -425,14 +425,25 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
     rules as models.toml's (runner/settings.py). Fields are named as the settings are."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-    # (setting, label, hint, how to read the text); the selects are method and combine.
+    # (setting, label, hint, how to read the text), two to a row; the selects come first.
+    SELECTS: ClassVar[tuple[tuple[str, Sequence[str]], ...]] = (
+        ("method", METHODS),
+        ("combine", RULES),
+        ("calibrate", ("true", "false")),
+    )
     FIELDS: ClassVar[tuple[tuple[str, str, str, type], ...]] = (
+        ("switch_rate", "switch rate", "bayes: [0, 1)", float),
         ("sub_vocab", "sub-vocab", "mcv | bytes | maxlen:K", str),
         ("temperature", "temperature", "0 = greedy", float),
-        ("top_p", "top-p", "(0, 1]", float),
         ("top_k", "top-k", "0 = off", int),
+        ("top_p", "top-p", "(0, 1]", float),
         ("min_p", "min-p", "[0, 1), 0 = off", float),
-        ("prune", "prune", "branch share, [0, 1)", float),
+        ("repeat_penalty", "repeat pen.", "1 = off", float),
+        ("repeat_last_n", "repeat last n", "-1 = all", int),
+        ("presence_penalty", "presence pen.", "0 = off", float),
+        ("frequency_penalty", "frequency pen.", "0 = off", float),
+        ("dry_multiplier", "dry multiplier", "0 = off", float),
+        ("prune", "prune", "branch share", float),
         ("max_pieces", "max length", "pieces", int),
     )
 
@@ -446,8 +457,8 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
         with Vertical(id="settings-dialog"):
             yield Label("Settings", classes="dialog-title")
             with Grid(id="settings-grid"):
-                yield from _select("method", "method", METHODS, s.method)
-                yield from _select("combine", "combine", RULES, s.combine)
+                for key, options in self.SELECTS:
+                    yield from _select(key, key, options, _shown(getattr(s, key)))
                 for key, label, hint, _ in self.FIELDS:
                     yield from _field(label, key, _shown(getattr(s, key)), hint)
                 seed = "" if s.seed is None else str(s.seed)
@@ -474,8 +485,9 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
             values["seed"] = int(seed_text) if seed_text else None
         except ValueError:
             raise LvrError("seed must be an integer or empty") from None
-        for key in ("method", "combine"):
+        for key, _ in self.SELECTS:
             values[key] = str(self.query_one(f"#{key}", Select).value)
+        values["calibrate"] = values["calibrate"] == "true"
         settings = with_overrides(self.settings, "settings", **values)
         if values["seed"] is None:
             settings = replace(settings, seed=None)
@@ -498,6 +510,8 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
 
 
 def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

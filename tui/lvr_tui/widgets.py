@@ -190,6 +190,7 @@ class ModelCard(Vertical):
 
     def compose(self) -> ComposeResult:
         name = Text(f"■ {self.info.name}", style=f"bold {model_colour(self.index)}")
+        name.append(f" {self.info.role}", style="dim")
         yield Label(name, classes="model-name")
         yield Label(f"{self.info.tokenizer} · {self.info.n_vocab:,} tokens", classes="model-vocab")
         with Horizontal(classes="model-controls"):
@@ -216,14 +217,16 @@ class ModelCard(Vertical):
 
 
 class FiguresView(Static):
-    """Live figures of the running (or last) generation."""
+    """Live figures of the running (or last) generation, with the weight the rule gives
+    each model now ("w": under bayes its posterior, which moves with every piece)."""
 
     def show(self, figures: LiveFigures) -> None:
         text = Text()
         text.append(f"{figures.pieces_per_s:6.1f} pieces/s  {figures.bytes_per_s:6.1f} B/s\n")
         text.append(f"{figures.pieces} pieces, {figures.bytes} bytes, {figures.seconds:.1f} s")
         for i, m in enumerate(figures.members):
-            text.append(f"\n{m.name[:22]}", style=model_colour(i))
+            text.append(f"\n{m.name[:18]}", style=model_colour(i))
+            text.append(f" w {m.mix_weight:.2f}")
             text.append(
                 f"\n fwd {m.forward_passes} hits {m.cache_hits} alive {m.alive}"
                 f" pruned {m.pruned:.1e}"

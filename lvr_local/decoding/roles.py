@@ -1,0 +1,49 @@
+"""Member roles: a chat model or a base model, and how each one sees a conversation.
+
+A *chat* model was fine-tuned on a chat template; it reads the conversation in that
+template and ends its turn with an end-of-turn token (END). A *base* model (pretrained
+only) has never seen such markers: given them, it rarely predicts the end of a turn.
+It reads the conversation as a plain transcript instead, the kind of text it was
+trained on, and it ends its turn by starting a new one on a new line ("\\nUser:").
+
+Members never have to share a prompt: each is conditioned on its own native format,
+and the reduction then follows the same reply text in all of them (docs/algorithm.md
+§7). The transcript ends with "Assistant: " (with the space the reply's first word
+takes in running text); the prompt's byte-level phase (§6) sums over the tokens that
+straddle that space, so the base member's reply is exact from its first byte.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from lvr_local.core.chat import Message
+from lvr_local.core.vocabulary import Vocabulary
+
+ROLES = ("chat", "base")
+
+# An instruction-tuned model's name usually says so: "Instruct", "Chat", "-it", "IT".
+CHAT_NAME = re.compile(r"(instruct|chat|(^|[\s_-])it($|[\s_-]))", re.IGNORECASE)
+
+# The plain transcript a base member reads. A base model ends the assistant's turn by
+# starting a new turn on a new line, so these separators, once written, end the reply.
+SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
+TURN_SEPARATORS = ("\nUser:", "\nAssistant:")
+
+
+def detect_role(vocab: Vocabulary, chat_template: str | None = None) -> str:
+    """'chat' when the model carries a chat template (its GGUF's, or one configured in
+    models.toml), a fine-tune label (GGUF general.finetune), or an instruct/chat/-it
+    marker in its name; else 'base'."""
+    if chat_template or vocab.chat_template or vocab.finetune:
+        return "chat"
+    name = vocab.model_name or ""
+    return "chat" if CHAT_NAME.search(name) else "base"
+
+
+def format_transcript(messages: Sequence[Message]) -> str:
+    """A conversation as plain text for a base model, ending where the assistant's
+    reply begins: "User: ...\\nAssistant: "."""
+    lines = [f"{SPEAKERS[m.role]}: {m.content.strip()}" for m in messages]
+    return "\n".join([*lines, f"{SPEAKERS['assistant']}: "])
