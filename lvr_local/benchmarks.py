@@ -691,9 +691,9 @@ def _rate(rounds: list[list[float]]) -> float:
 # ----- scoring: the exact path against the fast one ---------------------------------------
 
 
-def scoring(n_bytes: int = 2000) -> None:
+def scoring(n_bytes: int = 500) -> None:
     """Scoring speed (bytes/s) on the exact and the fast numeric path, side by side, for a
-    2 KB text after a ~550-token prompt, each bundled model alone; then a short text after
+    500-byte text after a ~550-token prompt, each bundled model alone; then a short text after
     the same prompt, whose tokens then come from the cache (prompt rows evaluated are
     printed). Also the log-probabilities, which the fast path moves."""
     text = ENGLISH.read_bytes()
