@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,10 +139,12 @@ async def test_escape_stops_the_generation_and_keeps_the_partial_reply(
     config_file: Path,
 ) -> None:
     app = LvrApp(config_file, max_pieces=400)
+    # One byte per piece: the reply is still being written when Esc comes.
+    app.settings = replace(app.settings, sub_vocab="bytes", temperature=0.0)
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         chat(app).query_one(PromptBox).focus()
-        await pilot.press(*"Count from 1 to 1000, one number per line.")  # a long reply
+        await pilot.press(*"Write a long story about a lighthouse keeper.")  # a long reply
         await pilot.press("enter")
         await wait_until(pilot, lambda: len(chat(app).query(AssistantMessage).last().events) >= 3)
         await pilot.press("escape")
