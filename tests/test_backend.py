@@ -407,19 +407,20 @@ class FreshOneByOne:
 def test_exact_path_equals_a_fresh_evaluation_bit_for_bit(
     smollm2_path: Path, n_ctx: int, n_seq_max: int
 ) -> None:
-    """Branches, releases, evictions, prompt changes and (with 160 cells) restarts from
-    the prompt, on two threads and batches of many rows: every row on the exact path is
-    the very row a fresh one-token-at-a-time evaluation gives."""
+    """Branches, releases, evictions, prompt changes and (with 160 cells, which llama.cpp
+    pads to 256) restarts from the prompt once the cells run out, on two threads and
+    batches of many rows: every row on the exact path is the very row a fresh
+    one-token-at-a-time evaluation gives."""
     fresh = FreshOneByOne(smollm2_path)
     with LlamaBackend(
         smollm2_path, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=64, n_threads=2
     ) as backend:
         backend.set_exact(True)
         prompt = backend.tokenize(PROMPT, True, False)
-        for round_ in range(2):
+        for round_ in range(5):
             backend.set_prompt(prompt[: len(prompt) - round_])  # a changed prompt, warm
             base = backend.prompt
-            for prefixes, rows in random_workload(backend, 5 + round_, 25, releases=True):
+            for prefixes, rows in random_workload(backend, 5 + round_, 30, releases=True):
                 backend.verify_cache()
                 for i in {0, len(prefixes) - 1}:
                     expected = fresh.row(base + list(prefixes[i]))

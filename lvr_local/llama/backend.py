@@ -216,13 +216,14 @@ class LlamaBackend:
             keep = 0  # cells computed on the other numeric path: recompute them all
         self._prompt, self._prompt_exact = [], self.exact
         keep = self._cache.begin_prompt(seq, keep)
-        try:
-            if self.exact and keep == 0:
-                raise _CellsExhausted  # start from an empty memory: cells in order
-            self._decode_prompt_tail(seq, tokens, keep)
-        except _CellsExhausted:
-            self._prompt = tokens
-            self._restart_from_prompt()
+        if self.exact and keep == 0:
+            self._evaluate_from_empty(tokens)  # cells from 0, in position order
+        else:
+            try:
+                self._decode_prompt_tail(seq, tokens, keep)
+            except _CellsExhausted:
+                self.counters.restarts += 1
+                self._evaluate_from_empty(tokens)
         self._prompt = tokens
         self.counters.cache_hits += keep
         self._update_gauges()
@@ -334,16 +335,21 @@ class LlamaBackend:
             raise LvrError(f"llama_decode failed with status {status}: {recent_errors()}")
 
     def _restart_from_prompt(self) -> None:
-        """The exact path's answer to a full cache: clear llama.cpp's memory and evaluate
-        the prompt again from cell 0. Rows already computed stay valid (they are the
-        same numbers); branches are re-evaluated as they are asked for."""
+        """The exact path's answer to a full cache: evaluate the prompt again from an
+        empty memory. Rows already computed stay valid (they are the same numbers);
+        branches are re-evaluated as they are asked for."""
+        self.counters.restarts += 1
+        self._evaluate_from_empty(self._prompt)
+
+    def _evaluate_from_empty(self, tokens: list[int]) -> None:
+        """Clear llama.cpp's memory and evaluate `tokens` as the prompt from cell 0, so
+        that its cells lie in position order (the exact path)."""
         assert self._ctx is not None
         self._ctx.clear()
-        self._restarted = True
-        self.counters.restarts += 1
+        self._restarted = True  # no cell for the prompt itself now: a full-cache error
         home = self._cache.home
         self._cache.forget_cells(home)
-        self._decode_prompt_tail(home, self._prompt, 0)
+        self._decode_prompt_tail(home, tokens, 0)
 
     def _read_row(self, i: int) -> np.ndarray:
         assert self._ctx is not None
