@@ -290,7 +290,7 @@ class ReducedState:
             floor = max(floor, logsumexp(able) + math.log(self.options.text_prune))
         keep = [v == NEG_INF or v >= floor for v in values]
         return (
-            [n for n, k in zip(fresh, keep, strict=False) if k],
+            [n for n, k in zip(fresh, keep[: len(fresh)], strict=True) if k],
             [n for n, k in zip(pending, keep[len(fresh) :], strict=True) if k],
         )
 
