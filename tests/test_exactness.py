@@ -7,6 +7,7 @@ tokenization of the text enumerated."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,9 +23,9 @@ from hypothesis import strategies as st
 from synthetic_lm import SyntheticLM, text_prob, vocab_a
 
 from lvr_local.cli import cli
-from lvr_local.core import subvocab
+from lvr_local.core import reduction, subvocab
 from lvr_local.core.decompose import build_tables
-from lvr_local.core.reduction import EngineOptions, ReducedState
+from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, ReducedState
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.prompting import prepare_raw
 from lvr_local.llama.backend import LlamaBackend
@@ -181,6 +182,58 @@ def test_known_text_never_scores_minus_infinity(
         assert abs(total - math.log(text_prob(lm, data))) < 1e-9
 
 
+def generate_along(state: ReducedState, pieces: list[int]) -> None:
+    """Advance as generation does: no text known ahead, pruning by share alone."""
+    for piece in pieces:
+        state.next_piece_logprobs()
+        state.advance(piece)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(alphabet="abc", min_size=1, max_size=reduction.DORMANT_WINDOW),
+    prune=st.sampled_from([1e-4, 1e-2, 0.1, 0.3]),
+    cap=st.integers(min_value=2, max_value=16),
+    seed=st.integers(min_value=0, max_value=3),
+)
+def test_generation_revives_pruned_branches_instead_of_losing_a_possible_text(
+    text: str, prune: float, cap: int, seed: int
+) -> None:
+    """Generation prunes by share (it cannot know the text ahead). A piece the kept
+    branches cannot spell revives the pruned ones that can, so no text of positive
+    probability becomes impossible, and Q stays a lower bound of the exact cover."""
+    data = text.encode()
+    lm = SyntheticLM(vocab_a(), seed=seed)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    state = ReducedState(lm, tables, EngineOptions(prune=prune, max_branches=cap))
+    generate_along(state, [tables.sub.index[bytes([b])] for b in data])
+    assert math.exp(state.log_Q) <= text_prob(lm, data) * (1 + 1e-6)  # float32 rows
+
+
+def test_without_dormant_records_generation_loses_possible_texts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check above can fail: keep no pruned node, and some of the same texts become
+    impossible; keep them, and those texts are followed through revived branches."""
+    lm = SyntheticLM(vocab_a(), seed=1)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    options = EngineOptions(prune=0.3, max_branches=2)
+    texts = ["".join(t) for n in range(2, 6) for t in itertools.product("abc", repeat=n)]
+    lost, revived = [], 0
+    for text in texts:
+        pieces = [tables.sub.index[bytes([b])] for b in text.encode()]
+        monkeypatch.setattr(reduction, "DORMANT_PER_ADVANCE", 0)
+        try:
+            generate_along(ReducedState(lm, tables, options), pieces)
+        except ImpossiblePieceError:
+            lost.append(text)
+        monkeypatch.undo()
+        state = ReducedState(lm, tables, options)
+        generate_along(state, pieces)  # never raises
+        revived += state.revived
+    assert lost and revived >= len(lost)
+
+
 def test_gemma_scores_a_sentence_its_pruning_used_to_make_impossible(
     runners: dict[str, Runner],
 ) -> None:
@@ -193,6 +246,28 @@ def test_gemma_scores_a_sentence_its_pruning_used_to_make_impossible(
         result = runner.score(text).run()["models"]["gemma3"]
         assert math.isfinite(result["logprob"]), changes
     runner.settings = SETTINGS
+
+
+def test_generation_revives_the_branch_gemma_pruned_instead_of_leaving(
+    runners: dict[str, Runner],
+) -> None:
+    """The same sentence followed as generation follows it (no text known ahead, the
+    default pruning by share): at "," Gemma's kept branches all continue the word, and
+    the pruned one that ends it comes back instead of Gemma leaving the run."""
+    runner = runners["gemma3"]
+    ensemble = runner.ensemble_for(replace(SETTINGS, sub_vocab="bytes"))
+    text = b" The optional argument mu, if given"
+    ensemble.start_raw(text[:4])
+    events = [
+        ensemble.force(ensemble.piece_id(bytes([b])), j)  # type: ignore[arg-type]
+        for j, b in enumerate(text[4:])
+    ]
+    assert not any(e.left for e in events)
+    assert [bytes(text[4 : 4 + e.index + 1]) for e in events if e.revived] == [
+        b" The optional argument mu,"[4:]
+    ]
+    assert all(math.isfinite(e.member_logprobs[0]) for e in events)
+    ensemble.close()
 
 
 # ----- mid-word prompts ----------------------------------------------------------------

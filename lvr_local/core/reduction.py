@@ -16,6 +16,13 @@ Pruning compares each node's *share* of Q(u) (docs/algorithm.md §4); all droppe
 (pruned nodes and, with top-K, cut tokens) is summed in `log_pruned`. The kept nodes are
 a subset of the exact cover, so `log_Q` is a lower bound and
 0 <= Q(u) - exp(log_Q) <= exp(log_pruned).
+
+Pruned branches are not forgotten at once: the nodes dropped in the last
+`DORMANT_WINDOW` advances stay as *dormant* records (a token prefix and its log mass; a
+pending node's few waiting tokens). When a piece comes that no alive node can spell (an
+ensemble chose it because another member likes it), the dormant nodes are replayed along
+the pieces that followed them and those that can spell it come back (docs/algorithm.md
+§4), instead of the model leaving the generation.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ DEFAULT_PRUNE = 1e-4
 # the text later (measured: 1e-4 lost 0.9 nats on 100 bytes of English, 1e-8 0.003).
 DEFAULT_TEXT_PRUNE = 1e-8
 DEFAULT_MAX_BRANCHES = 16
+# How many advances back a pruned branch can still be revived, and how many pruned nodes
+# of one advance are kept for it (the largest shares).
+DORMANT_WINDOW = 8
+DORMANT_PER_ADVANCE = 16
 
 
 class ImpossiblePieceError(LvrError):
@@ -161,6 +172,16 @@ class NodeView:
     pending: bool
 
 
+@dataclass
+class Dormant:
+    """The nodes one advance pruned, kept to be revived: fresh ones at boundary `length`
+    (never scored: a prefix and a log mass) and pending ones whose tokens reach it."""
+
+    length: int
+    fresh: list[FreshNode]
+    pending: list[PendingNode]
+
+
 class ReducedState:
     """One model's reduced next-piece distribution along a piece sequence it is fed."""
 
@@ -186,10 +207,12 @@ class ReducedState:
         self.log_Q = logsumexp([lp for _, lp in start])  # log Q(u), from the nodes kept alive
         self.log_pruned = NEG_INF  # log of all probability mass dropped so far
         self.last_pruned_fraction = 0.0  # share of Q(u) dropped by the last advance
+        self.revived = 0  # advances that needed pruned branches back
         self.finished = False
         self._fresh: list[FreshNode] = [FreshNode(prefix, log_p) for prefix, log_p in start]
         self._pending: list[PendingNode] = []
         self._to_release: list[TokenPrefix] = []
+        self._dormant: list[Dormant] = []
         self._logq: np.ndarray | None = None
 
     # ----------------------------------------------------------------- public interface
@@ -207,7 +230,7 @@ class ReducedState:
             raise LvrError("a state can only be handed over when synchronised")
         self._flush_releases()
         nodes = [(f.prefix, f.log_p) for f in self._fresh]
-        self._fresh = []
+        self._fresh, self._dormant = [], []
         return nodes
 
     @property
@@ -231,8 +254,9 @@ class ReducedState:
         return self._logq
 
     def advance(self, piece: int, ahead: Sequence[int] | None = None) -> None:
-        """Append `piece` to u. Raises ImpossiblePieceError, leaving the state unchanged,
-        when no alive node can produce it.
+        """Append `piece` to u. When no alive node can produce it, the dormant (recently
+        pruned) nodes that can are revived; raises ImpossiblePieceError, leaving the alive
+        nodes unchanged, when none can either.
 
         `ahead`: when the text is known (scoring, a forced prompt tail), the pieces that
         follow this one. Pruning then serves that text (docs/algorithm.md §4): shares are
@@ -245,17 +269,29 @@ class ReducedState:
         if not 0 <= piece < self.sub_size:
             raise LvrError(f"piece id {piece} is outside the sub-vocabulary 0..{self.sub_size - 1}")
         self._score_fresh_nodes()
-        fresh, pending = self._successors(piece)
+        k = len(self.pieces)
+        fresh, pending = self._successors(self._fresh, self._pending, piece, k)
+        reviving = not fresh and not pending and bool(self._dormant)
+        revived: list[FreshNode] = []
+        if reviving:
+            fresh, pending, revived = self._revive(piece)
         total = logsumexp([n.log_share for n in fresh] + [n.log_share for n in pending])
         if total == NEG_INF:
+            self._retire(set(revived))  # the replay's nodes: of no use now
+            self._flush_releases()
             name = "END" if piece == self.tables.sub.end_id else repr(self.tables.sub.pieces[piece])
             raise ImpossiblePieceError(f"piece {name} has probability 0 here")
         if ahead is None:
-            fresh, pending = self._prune_by_share(fresh, pending, total)
+            kept = self._prune_by_share(fresh, pending, total)
+            self._remember(k + 1, fresh, pending, kept)
         else:
-            fresh, pending = self._prune_for_text(fresh, pending, np.asarray(ahead, np.int64))
-        kept = logsumexp([n.log_share for n in fresh] + [n.log_share for n in pending])
-        self._commit(piece, fresh, pending, kept, total)
+            kept = self._prune_for_text(fresh, pending, np.asarray(ahead, np.int64))
+        log_kept = logsumexp([n.log_share for n in kept[0]] + [n.log_share for n in kept[1]])
+        self._commit(piece, *kept, log_kept, total)
+        if reviving:
+            self.revived += 1
+            alive = self._alive_origins()
+            self._retire({n for n in revived if n not in alive})
 
     def _prune_by_share(
         self, fresh: list[FreshNode], pending: list[PendingNode], total: float
@@ -303,10 +339,60 @@ class ReducedState:
         top = float(logp.max())
         return node.log_p + top + math.log(float(np.exp(logp - top).sum()))
 
+    # ----------------------------------------------------------------- dormant nodes
+
+    def _remember(
+        self,
+        length: int,
+        fresh: list[FreshNode],
+        pending: list[PendingNode],
+        kept: tuple[list[FreshNode], list[PendingNode]],
+    ) -> None:
+        """Keep the largest nodes this advance pruned as dormant records, and forget the
+        records older than the window."""
+        kept_ids = {id(n) for n in kept[0]} | {id(n) for n in kept[1]}
+        dropped = [n for n in [*fresh, *pending] if id(n) not in kept_ids]
+        dropped.sort(key=lambda n: n.log_share, reverse=True)
+        dropped = dropped[:DORMANT_PER_ADVANCE]
+        self._dormant = [d for d in self._dormant if d.length > length - DORMANT_WINDOW]
+        if not dropped:
+            return
+        self._dormant.append(
+            Dormant(
+                length,
+                [n for n in dropped if isinstance(n, FreshNode)],
+                [n for n in dropped if isinstance(n, PendingNode)],
+            )
+        )
+
+    def _revive(self, piece: int) -> tuple[list[FreshNode], list[PendingNode], list[FreshNode]]:
+        """The successors of `piece` grown from the dormant records: replayed, oldest
+        first, along the pieces that followed their pruning (a model call per piece for
+        the fresh nodes on the way; pending ones that cannot spell the rest die). Returns
+        them and the nodes scored for it."""
+        target = [*self.pieces, piece]
+        records = sorted(self._dormant, key=lambda d: d.length)
+        self._dormant = []
+        fresh: list[FreshNode] = []
+        pending: list[PendingNode] = []
+        scored: list[FreshNode] = []
+        for k in range(records[0].length, len(target)):
+            for record in records:
+                if record.length == k:
+                    fresh, pending = fresh + record.fresh, pending + record.pending
+            todo = [f for f in fresh if f.scored is None]
+            self._score(todo)
+            scored += todo
+            fresh, pending = self._successors(fresh, pending, target[k], k)
+            if k + 1 < len(target):  # drop only what cannot spell the rest
+                ahead = np.asarray(target[k + 1 :], np.int64)
+                pending = [p for p in pending if self._spelling_mass(p, ahead) > NEG_INF]
+        return fresh, pending, scored
+
     def close(self) -> None:
         """Tell the model that no alive node will be extended any more."""
         self._retire(self._alive_origins())
-        self._fresh, self._pending = [], []
+        self._fresh, self._pending, self._dormant = [], [], []
         self._flush_releases()
 
     # ----------------------------------------------------------------- scoring
@@ -314,17 +400,20 @@ class ReducedState:
     def _score_fresh_nodes(self) -> None:
         """Score every unscored fresh node in ONE model call, then free dropped prefixes
         (after the call, so that the backend can still extend them)."""
-        todo = [f for f in self._fresh if f.scored is None]
-        if todo:
-            rows = self.model.next_logits([f.prefix for f in todo])
-            if len(rows) != len(todo):
-                raise LvrError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
-            for node, row in zip(todo, rows, strict=True):
-                node.scored = self.scorer.score(row)
-                node.asked = True
-                if node.scored.log_kept < 0.0:  # top-K cut: that mass is gone for good
-                    self._add_pruned(node.log_p + _log1mexp(node.scored.log_kept))
+        self._score([f for f in self._fresh if f.scored is None])
         self._flush_releases()
+
+    def _score(self, todo: list[FreshNode]) -> None:
+        if not todo:
+            return
+        rows = self.model.next_logits([f.prefix for f in todo])
+        if len(rows) != len(todo):
+            raise LvrError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
+        for node, row in zip(todo, rows, strict=True):
+            node.scored = self.scorer.score(row)
+            node.asked = True
+            if node.scored.log_kept < 0.0:  # top-K cut: that mass is gone for good
+                self._add_pruned(node.log_p + _log1mexp(node.scored.log_kept))
 
     def _combine(self) -> np.ndarray:
         """q(. | u): the nodes' contributions, each weighted by its share of Q(u)."""
@@ -361,14 +450,17 @@ class ReducedState:
 
     # ----------------------------------------------------------------- advancing
 
-    def _successors(self, piece: int) -> tuple[list[FreshNode], list[PendingNode]]:
-        """The nodes after appending `piece`: new fresh nodes (tokens completed exactly)
-        and pending nodes whose tokens still match and go further."""
-        tables, k = self.tables, len(self.pieces)
+    def _successors(
+        self, fresh_now: list[FreshNode], pending_now: list[PendingNode], piece: int, k: int
+    ) -> tuple[list[FreshNode], list[PendingNode]]:
+        """The nodes after appending `piece` at position k to those given (scored): new
+        fresh nodes (tokens completed exactly) and pending nodes whose tokens still match
+        and go further."""
+        tables = self.tables
         singles, multis = tables.singles(piece), tables.multis(piece)
         fresh: list[FreshNode] = []
         pending: list[PendingNode] = []
-        for f in self._fresh:
+        for f in fresh_now:
             assert f.scored is not None
             fresh += _extend(f.prefix, f.log_p, singles, f.scored.token_logp(singles))
             if len(multis):
@@ -378,7 +470,7 @@ class ReducedState:
                     waiting = multis[live]
                     nxt = tables.piece_at(waiting, 1)
                     pending.append(PendingNode(f, k, 1, waiting, logp[live], nxt))
-        for p in self._pending:
+        for p in pending_now:
             match = p.next_piece == piece
             if not match.any():
                 continue

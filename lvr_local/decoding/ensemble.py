@@ -30,7 +30,7 @@ from lvr_local.core.decompose import DecompositionTables, decomposition_tables
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.core.naive import NaiveState
 from lvr_local.core.posterior import Posterior
-from lvr_local.core.reduction import EngineOptions, PieceModel, ReducedState
+from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
 from lvr_local.core.subvocab import SubVocabulary, parse_spec
 from lvr_local.decoding.byte_phase import BytePhase
 from lvr_local.decoding.members import Member
@@ -63,6 +63,10 @@ class PieceEvent:
     # Members that left the generation at this piece: none of their tokenizations can
     # spell it (a byte their vocabulary lacks, or every way pruned). Never silent.
     left: tuple[int, ...] = ()
+    # Members whose alive branches could not spell this piece and who follow it through
+    # branches pruned a few pieces ago, brought back (docs/algorithm.md §4). Their
+    # member_logprobs is then what the revived branches give it.
+    revived: tuple[int, ...] = ()
 
     @property
     def prob(self) -> float:
@@ -261,38 +265,61 @@ class Ensemble:
         ahead: Sequence[int] | None = None,
     ) -> PieceEvent:
         sub = self._phase_sub
-        if logp[piece] == -np.inf:
-            raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
         mix = self.mix_weights()
+        member_logq, pruned, left, revived = self._advance_members(piece, logq[:, piece], ahead)
+        if logp[piece] == -np.inf:  # a forced piece only revived branches could spell
+            if not any(self._live):
+                raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
+            logq = logq.copy()
+            logq[:, piece] = member_logq
+            logp = self.combined(logq)
         if self._posterior is not None:
-            self._posterior.update(logq[:, piece])
-        pruned = [0.0] * len(self.members)
-        left = []
-        for i, state in enumerate(self._states):
-            if state is None or not self._live[i]:
-                continue
-            if logq[i, piece] == -np.inf:
-                self._live[i] = False  # it cannot spell this text: it leaves this generation
-                left.append(i)
-                continue
-            state.advance(piece, ahead)
-            pruned[i] = state.last_pruned_fraction
+            self._posterior.update(member_logq)
         event = PieceEvent(
             index=index,
             piece=piece,
             text=sub.piece_bytes(piece),
             logprob=float(logp[piece]),
-            member_logprobs=tuple(float(x) for x in logq[:, piece]),
+            member_logprobs=tuple(float(x) for x in member_logq),
             weights=tuple(self.weights),
             mix_weights=tuple(float(x) for x in mix),
             dominant=dominant_model(logq, mix, piece),
             pruned=tuple(pruned),
             byte_level=sub is not self.sub,
             left=tuple(left),
+            revived=tuple(revived),
         )
         if piece != sub.end_id:
             self._maybe_leave_byte_phase()
         return event
+
+    def _advance_members(
+        self, piece: int, member_logq: np.ndarray, ahead: Sequence[int] | None
+    ) -> tuple[np.ndarray, list[float], list[int], list[int]]:
+        """Advance every live member by `piece`. One whose alive branches give it no
+        probability tries its recently pruned ones (the state revives them); one that
+        still cannot spell it leaves this generation. Returns each member's log q of the
+        piece (for a revived one, what its revived branches give), the share each
+        pruned, and who left and who revived."""
+        member_logq = member_logq.copy()
+        pruned = [0.0] * len(self.members)
+        left: list[int] = []
+        revived: list[int] = []
+        for i, state in enumerate(self._states):
+            if state is None or not self._live[i]:
+                continue
+            log_q_before = state.log_Q
+            try:
+                state.advance(piece, ahead)
+            except ImpossiblePieceError:
+                self._live[i] = False  # it cannot spell this text: it leaves this generation
+                left.append(i)
+                continue
+            if member_logq[i] == -np.inf:
+                member_logq[i] = state.log_Q - log_q_before
+                revived.append(i)
+            pruned[i] = state.last_pruned_fraction
+        return member_logq, pruned, left, revived
 
     def pruned_mass(self) -> list[float]:
         """Each member's probability mass dropped by pruning (or token top-K) so far."""

@@ -262,6 +262,8 @@ class Run:
         self.text = ""
         self.error: str | None = None
         self.left: dict[str, int] = {}  # member name -> index of the piece it could not spell
+        # member name -> pieces it followed only through branches pruned earlier and revived
+        self.revived: dict[str, int] = {}
         self._stop = stop or threading.Event()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._baseline = runner.counters()
@@ -279,8 +281,11 @@ class Run:
     def __iter__(self) -> Iterator[Chunk]:
         try:
             for event in self._events:
+                names = [m.name for m in self.ensemble.members]
                 for i in event.left:
-                    self.left[self.ensemble.members[i].name] = event.index
+                    self.left[names[i]] = event.index
+                for i in event.revived:
+                    self.revived[names[i]] = self.revived.get(names[i], 0) + 1
                 self.data += event.text
                 text = self._decoder.decode(event.text)
                 self.text += text
@@ -349,6 +354,8 @@ class Run:
         }
         if self.left:  # never silent: a member that could not spell the text said so
             record["left"] = [{"name": n, "at_piece": i} for n, i in self.left.items()]
+        if self.revived:
+            record["revived"] = [{"name": n, "pieces": c} for n, c in self.revived.items()]
         if self.error is not None:
             record["error"] = self.error
         return record
