@@ -62,7 +62,15 @@ def generate(
             run = runner.chat([*messages, Message("user", text)])
         else:
             run = runner.complete(text.encode("utf-8"))
-        stream(run, show=not as_json)
+        try:
+            stream(run, show=not as_json)
+        except LvrError:
+            # The text so far is kept: already printed, or in the record (with the error).
+            if as_json:
+                echo_json(run.record())
+            else:
+                click.echo()
+            raise
         if as_json:
             echo_json(run.record())
         if run.stats.stop_reason == "interrupted":

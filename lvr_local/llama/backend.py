@@ -106,10 +106,12 @@ class LlamaBackend:
         n_batch: int = 512,
         n_seq_max: int = 16,
         n_ubatch: int | None = None,
+        devices: Sequence[int] = (),
     ) -> None:
         path = Path(path)
         check_gguf_file(path)
-        check_gpu_request(n_gpu_layers)
+        if not devices:  # explicit devices (RPC servers) need no GPU in this build
+            check_gpu_request(n_gpu_layers)
         _check_sizes(n_ctx, n_batch, n_seq_max)
         if n_ctx:  # llama.cpp aborts when sequences (and the pin) outnumber the cells
             n_seq_max = max(1, min(n_seq_max, n_ctx - 1))
@@ -117,7 +119,7 @@ class LlamaBackend:
         self._ctx: LlamaContext | None = None
         self._batch: LlamaBatch | None = None
         self.n_threads = n_threads or physical_cores()
-        self._model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+        self._model = LlamaModel(path, n_gpu_layers=n_gpu_layers, devices=devices)
         try:
             self._ctx = LlamaContext(
                 self._model,

@@ -14,6 +14,7 @@ import ctypes
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -101,13 +102,25 @@ def check_gguf_file(path: Path) -> None:
 class LlamaModel:
     """Owns one `llama_model*`. `vocab_only=True` reads metadata and vocabulary, no weights."""
 
-    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        vocab_only: bool = False,
+        n_gpu_layers: int = 0,
+        devices: Sequence[int] = (),
+    ) -> None:
+        """`devices`: llama.cpp devices (ggml_backend_dev_t) to offload the
+        n_gpu_layers to, instead of every device the build has (the RPC servers)."""
         path = Path(path)
         check_gguf_file(path)
         ensure_backend()
         params = L.llama_model_default_params()
         params.vocab_only = vocab_only
         params.n_gpu_layers = n_gpu_layers
+        if devices:  # a NULL-terminated array, alive until the load returns
+            device_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            params.devices = ctypes.cast(device_array, ctypes.c_void_p)
         _recent_log.clear()
         self.path = path
         self.ptr = L.llama_model_load_from_file(str(path).encode(), params)

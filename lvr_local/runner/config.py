@@ -24,8 +24,8 @@ from lvr_local.runner.sources import resolve_source
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One [[model]] table. n_ctx and n_gpu_layers: None takes the run's settings; role
-    None: detected from the GGUF (roles.py)."""
+    """One [[model]] table. n_ctx, n_gpu_layers and rpc: None takes the run's settings;
+    role None: detected from the GGUF (roles.py)."""
 
     name: str
     source: str
@@ -35,10 +35,16 @@ class ModelSpec:
     n_gpu_layers: int | None = None
     chat_template: str | None = None
     role: str | None = None
+    rpc: tuple[str, ...] | None = None
     base_dir: Path | None = field(default=None, compare=False)
 
     def resolve_path(self, *, assemble: bool = True) -> Path:
         return resolve_source(self.source, self.base_dir, assemble=assemble)
+
+    def rpc_servers(self, settings: RunSettings) -> tuple[str, ...]:
+        """The RPC servers that hold this model's offloaded layers (empty: it runs on
+        this machine): its own `rpc`, else the run's."""
+        return self.rpc if self.rpc is not None else settings.rpc
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ _MODEL_KEYS: dict[str, Check] = {
     "n_gpu_layers": SCHEMA["n_gpu_layers"],
     "chat_template": ((str,), "a llama.cpp template name or a Jinja template", None),
     "role": ((str,), "one of " + ", ".join(ROLES), lambda v: v in ROLES),
+    "rpc": SCHEMA["rpc"],
 }
 _TOP_KEYS = ("defaults", "model")
 
@@ -131,4 +138,6 @@ def _model(table: Any, number: int, path: Path) -> ModelSpec:
             raise ConfigError(f"{where}: missing key '{key}' ({_MODEL_KEYS[key][1]})")
     if "weight" in values:
         values["weight"] = float(values["weight"])
+    if "rpc" in values:
+        values["rpc"] = tuple(values["rpc"])
     return ModelSpec(base_dir=path.parent, **values)

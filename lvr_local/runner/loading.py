@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lvr_local.decoding.members import Member
 from lvr_local.decoding.roles import detect_role
 from lvr_local.llama.backend import LlamaBackend
+from lvr_local.llama.isolated import IsolatedBackend, ModelBackend
+from lvr_local.llama.rpc import parse_endpoint
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import ModelSpec
 from lvr_local.runner.settings import RunSettings
@@ -21,20 +24,14 @@ ProgressCallback = Callable[[str, int, int], None]
 
 def load_member(
     spec: ModelSpec, settings: RunSettings, *, n_threads: int | None = None
-) -> tuple[Member, LlamaBackend]:
+) -> tuple[Member, ModelBackend]:
     """One model of models.toml: vocabulary from the cache, weights into llama.cpp.
     Thread count: `n_threads`, else the settings', else shared out by the scheduler.
     Returns the member and its backend (the caller owns it and must close it)."""
     path = spec.resolve_path()
     vocab = load_vocabulary(path, name=spec.name)
     threads = n_threads or settings.n_threads or None
-    backend = LlamaBackend(
-        path,
-        n_ctx=spec.n_ctx or settings.n_ctx,
-        n_gpu_layers=spec.n_gpu_layers if spec.n_gpu_layers is not None else settings.n_gpu_layers,
-        n_threads=threads,
-        n_seq_max=N_SEQ_MAX,
-    )
+    backend = _backend(spec, settings, path, threads)
     template = spec.chat_template or vocab.chat_template
     member = Member(
         name=spec.name,
@@ -49,12 +46,36 @@ def load_member(
     return member, backend
 
 
+def _backend(
+    spec: ModelSpec, settings: RunSettings, path: Path, threads: int | None
+) -> ModelBackend:
+    """The model's llama.cpp backend: in this process, or, when its layers go to RPC
+    servers, in a child process (isolated.py: llama.cpp's RPC client aborts on a dead
+    server). An RPC member offloads every layer unless n_gpu_layers says how many."""
+    n_ctx = spec.n_ctx or settings.n_ctx
+    layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else settings.n_gpu_layers
+    servers = spec.rpc_servers(settings)
+    if servers:
+        endpoints = [parse_endpoint(e) for e in servers]
+        return IsolatedBackend(
+            path,
+            endpoints=endpoints,
+            n_ctx=n_ctx,
+            n_gpu_layers=layers or -1,
+            n_threads=threads,
+            n_seq_max=N_SEQ_MAX,
+        )
+    return LlamaBackend(
+        path, n_ctx=n_ctx, n_gpu_layers=layers, n_threads=threads, n_seq_max=N_SEQ_MAX
+    )
+
+
 def load_members(
     specs: Sequence[ModelSpec], settings: RunSettings, progress: ProgressCallback, total: int
-) -> tuple[list[Member], list[LlamaBackend]]:
+) -> tuple[list[Member], list[ModelBackend]]:
     """Load every model, reporting before each; on any failure free what was loaded."""
     members: list[Member] = []
-    backends: list[LlamaBackend] = []
+    backends: list[ModelBackend] = []
     try:
         for done, spec in enumerate(specs):
             progress(f"loading {spec.name}", done, total)

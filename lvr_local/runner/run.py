@@ -29,7 +29,7 @@ from lvr_local.decoding.members import Member
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.decoding.scoring import Scoring
 from lvr_local.errors import LvrError
-from lvr_local.llama.backend import LlamaBackend
+from lvr_local.llama.isolated import ModelBackend
 from lvr_local.runner.config import ModelSpec
 from lvr_local.runner.loading import ProgressCallback, load_members
 from lvr_local.runner.settings import RunSettings
@@ -103,7 +103,7 @@ class Runner:
         self.specs = list(specs)
         self.settings = settings
         self.members: list[Member] = []
-        self.backends: list[LlamaBackend] = []
+        self.backends: list[ModelBackend] = []
         self._concurrent = concurrent
         self._ensemble: Ensemble | None = None
         self._built_with: tuple[object, ...] | None = None

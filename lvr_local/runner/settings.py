@@ -32,6 +32,7 @@ from lvr_local.core.sampling import SamplingParams
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
 from lvr_local.errors import ConfigError
+from lvr_local.llama.rpc import is_endpoint
 
 NUMERICS = ("auto", "exact", "fast")
 SUB_VOCAB_PATTERN = re.compile(r"^(mcv|bytes|maxlen:[1-9][0-9]*)$")
@@ -68,8 +69,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, numerics
-    (auto: exact for scoring, fast for generation; docs/algorithm.md §8). Reduction
+    """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, rpc (the
+    llama.cpp RPC servers, "host:port", that hold the models' offloaded layers; empty:
+    this machine), numerics (auto: exact for scoring, fast for generation;
+    docs/algorithm.md §8). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
@@ -80,6 +83,7 @@ class RunSettings:
     n_ctx: int = 4096
     n_gpu_layers: int = 0
     n_threads: int = 0
+    rpc: tuple[str, ...] = ()
     numerics: str = "auto"
     sub_vocab: str = "mcv"
     method: str = "lossless"
@@ -171,6 +175,7 @@ class RunSettings:
         record = asdict(self)
         record["stop"] = list(self.stop)
         record["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
+        record["rpc"] = list(self.rpc)
         return record
 
 
@@ -194,6 +199,10 @@ def _strings(v: list[Any] | tuple[Any, ...]) -> bool:
     return all(isinstance(s, str) for s in v)
 
 
+def _endpoints(v: list[Any] | tuple[Any, ...]) -> bool:
+    return all(is_endpoint(s) for s in v)
+
+
 _WINDOW = "an integer >= -1 (pieces; -1 = the whole reply, 0 = off)"
 
 
@@ -205,6 +214,7 @@ SCHEMA: dict[str, Check] = {
         "an integer from 0 to 1024 (0 = the cores shared among the models)",
         lambda v: 0 <= v <= 1024,
     ),
+    "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
@@ -259,7 +269,7 @@ def with_overrides(
 ) -> RunSettings:
     """Settings with `overrides` applied; None means 'not given'."""
     given = checked({k: v for k, v in overrides.items() if v is not None}, where)
-    for key in ("stop", "dry_sequence_breakers"):
+    for key in ("stop", "dry_sequence_breakers", "rpc"):
         if key in given:
             given[key] = tuple(given[key])
     for key, kind in SCHEMA.items():

@@ -1,0 +1,54 @@
+"""`lvr rpc-server` and `lvr rpc-build`: the other machine's side of remote members.
+
+The server is llama.cpp's own RPC server (ggml_backend_rpc_start_server), started from
+the same install, so that the other machine needs nothing else.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+from lvr_local.llama.rpc import parse_endpoint, serve
+from lvr_local.machine import physical_cores
+
+WARNING = (
+    "The RPC protocol has no authentication and no encryption: anyone who can reach "
+    "this port can run computations here and read what is sent. Serve on a trusted "
+    "network only."
+)
+
+
+@click.command("rpc-server")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 for every interface (a trusted network only).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    help="CPU threads for the layers computed here (default: the physical cores).",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep received weights in this directory, so that the next load of the same "
+    "model sends hashes instead of tensors larger than 10 MB.",
+)
+def rpc_server(host: str, port: int, threads: int | None, cache: Path | None) -> None:
+    """Serve this machine's CPU or GPUs to other machines' lvr, through llama.cpp's RPC
+    backend (models.toml there: rpc = ["THIS-HOST:PORT"]). Runs until Ctrl-C."""
+    endpoint = parse_endpoint(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    click.echo(f"lvr rpc-server on {endpoint}. {WARNING}", err=True)
+    # The server blocks in C, where Python's signal handlers never run: let Ctrl-C and
+    # SIGTERM end the process the default way.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    serve(endpoint, threads=threads or physical_cores(), cache=cache)
