@@ -15,7 +15,7 @@ from lvr_local import __version__
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
-from lvr_local.cli.rpc import rpc_server
+from lvr_local.cli.rpc import rpc_build, rpc_server
 from lvr_local.cli.serve import serve
 from lvr_local.cli.tui import tui
 from lvr_local.errors import LvrError
@@ -55,7 +55,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
 
 
 _COMMANDS = (models, vocab, common, paths, settings, generate, chat, score, serve, bench, tui)
-for _command in (*_COMMANDS, rpc_server):
+for _command in (*_COMMANDS, rpc_server, rpc_build):
     cli.add_command(_command)
 
 

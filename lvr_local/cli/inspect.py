@@ -23,9 +23,10 @@ from lvr_local.runner.sources import NotAssembledError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_context
 def models(ctx: click.Context, as_json: bool) -> None:
-    """List the models of models.toml: file, size, tokenizer, vocabulary size."""
+    """List the models of models.toml: file, size, tokenizer, vocabulary size, and where
+    each runs (this machine, or the RPC servers that hold its layers)."""
     config = get_config(ctx)
-    records = [_model_record(spec) for spec in config.models]
+    records = [_model_record(spec, config.defaults) for spec in config.models]
     if as_json:
         echo_json({"config": str(config.path), "models": records})
         return
@@ -39,17 +40,19 @@ def models(ctx: click.Context, as_json: bool) -> None:
             r["role"],
             r["tokenizer"],
             r["n_vocab"],
+            r["runs_on"],
             r["path"],
         )
         for r in records
     ]
-    headers = ("NAME", "ENABLED", "STATUS", "SIZE", "ROLE", "TOKENIZER", "VOCAB", "PATH")
+    headers = ("NAME", "ENABLED", "STATUS", "SIZE", "ROLE", "TOKENIZER", "VOCAB", "RUNS ON", "PATH")
     click.echo(table(headers, rows))
 
 
-def _model_record(spec: ModelSpec) -> dict[str, object]:
+def _model_record(spec: ModelSpec, defaults: RunSettings) -> dict[str, object]:
     """What `lvr models` shows of one model. Cheap: a chunked package model that has not
     been assembled yet is reported as such, not assembled just to be listed."""
+    servers = spec.rpc_servers(defaults)
     record: dict[str, object] = {
         "name": spec.name,
         "enabled": spec.enabled,
@@ -61,6 +64,8 @@ def _model_record(spec: ModelSpec) -> dict[str, object]:
         "role": spec.role or "",
         "tokenizer": "",
         "n_vocab": "",
+        "runs_on": "rpc " + ", ".join(servers) if servers else "local",
+        "rpc": list(servers),
     }
     try:
         path = spec.resolve_path(assemble=False)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
-from lvr_local.llama.rpc import parse_endpoint, serve
+from lvr_local.llama.rpc import module_path, parse_endpoint, serve
+from lvr_local.llama.rpc_build import build_rpc_module
 from lvr_local.machine import physical_cores
+from lvr_local.paths import cache_dir
 
 WARNING = (
     "The RPC protocol has no authentication and no encryption: anyone who can reach "
@@ -52,3 +54,19 @@ def rpc_server(host: str, port: int, threads: int | None, cache: Path | None) ->
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     serve(endpoint, threads=threads or physical_cores(), cache=cache)
+
+
+@click.command("rpc-build")
+@click.option(
+    "--sdist",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The llama-cpp-python source archive of the installed version (default: "
+    "downloaded with pip).",
+)
+def rpc_build(sdist: Path | None) -> None:
+    """Compile llama.cpp's RPC backend alone, for a llama-cpp-python built without it
+    (seconds, instead of rebuilding llama.cpp). Needs a C++ compiler."""
+    target = module_path()
+    seconds = build_rpc_module(target, sdist=sdist, downloads=cache_dir("sdist"))
+    click.echo(f"compiled in {seconds:.1f} s: {target}")
+    click.echo("lvr finds it there; elsewhere, point $LVR_GGML_RPC at it.")
