@@ -94,35 +94,48 @@ def preflight(endpoint: Endpoint, timeout: float = CONNECT_TIMEOUT_S) -> tuple[i
     The server serves one client at a time and goes back to accepting when this
     connection closes, so llama.cpp's own connection that follows is served next."""
     try:
-        with socket.create_connection((endpoint.bare_host, endpoint.port), timeout) as sock:
-            sock.settimeout(timeout)
-            request = bytes(RPC_CONN_CAPS_SIZE)
-            sock.sendall(struct.pack("<BQ", RPC_CMD_HELLO, len(request)) + request)
-            size = struct.unpack("<Q", _recv_exact(sock, 8, endpoint))[0]
-            reply = _recv_exact(sock, size, endpoint) if size <= 4096 else b""
+        sock = socket.create_connection((endpoint.bare_host, endpoint.port), timeout)
     except TimeoutError as e:
         raise LvrError(
-            f"RPC server {endpoint} did not answer within {timeout:g} s (a firewall, or a "
-            "server busy with another client: it serves one at a time)"
+            f"RPC server {endpoint} is unreachable: no answer within {timeout:g} s"
         ) from e
     except OSError as e:
         raise LvrError(
             f"RPC server {endpoint} is unreachable: {e.strerror or e} (is `lvr rpc-server` "
             "or llama.cpp's rpc-server running there, on that port?)"
         ) from e
+    with sock:
+        sock.settimeout(timeout)
+        size, reply = _hello(sock, endpoint, timeout)
     return _check_hello(endpoint, size, reply)
 
 
-def _recv_exact(sock: socket.socket, n: int, endpoint: Endpoint) -> bytes:
+def _hello(sock: socket.socket, endpoint: Endpoint, timeout: float) -> tuple[int, bytes]:
+    """Send the hello; return the announced size of the answer and the answer."""
+    request = bytes(RPC_CONN_CAPS_SIZE)
+    try:
+        sock.sendall(struct.pack("<BQ", RPC_CMD_HELLO, len(request)) + request)
+        size = struct.unpack("<Q", _recv_exact(sock, 8))[0]
+        return size, _recv_exact(sock, size) if size <= 4096 else b""
+    except TimeoutError as e:
+        raise LvrError(
+            f"RPC server {endpoint} did not answer within {timeout:g} s (a server busy with "
+            "another client: it serves one at a time, or not an RPC server)"
+        ) from e
+    except OSError as e:  # closed (see _recv_exact) or reset
+        raise LvrError(
+            f"RPC server {endpoint} closed the connection during the hello: a protocol "
+            f"version mismatch (this build speaks RPC {RPC_PROTO_MAJOR}.x; install the same "
+            "llama-cpp-python version on both machines), or not an RPC server"
+        ) from e
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
-            raise LvrError(
-                f"RPC server {endpoint} closed the connection during the hello: a protocol "
-                f"version mismatch (this build speaks RPC {RPC_PROTO_MAJOR}.x; install the "
-                "same llama-cpp-python version on both machines), or not an RPC server"
-            )
+            raise ConnectionAbortedError("closed by the server")
         data += chunk
     return data
 
