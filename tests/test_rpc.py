@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import struct
@@ -32,6 +33,7 @@ from lvr_local.runner.settings import RunSettings
 
 LVR = [sys.executable, "-m", "lvr_local.cli"]
 TEXT = "The quick brown fox jumps over the lazy dog. It barked twice."
+BIT_FOR_BIT = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _free_port() -> int:
@@ -226,8 +228,10 @@ def _lvr(config: Path, *args: str, timeout: float = 180) -> subprocess.Completed
 def test_a_member_through_rpc_scores_and_generates_like_the_local_one(
     rpc_server: tuple[str, subprocess.Popen[bytes]], smollm2_path: Path, tmp_path: Path
 ) -> None:
-    """Bit for bit: the server computes with the same CPU kernels, on one thread, and the
-    exact path decodes one token at a time, so every row is the local row."""
+    """Bit for bit on x86-64: the server computes with the same CPU kernels, on one
+    thread, and the exact path decodes one token at a time, so every row is the local
+    row. Elsewhere within 0.01 nats: on ARM, llama.cpp repacks SmolLM2's Q8_0 output
+    matrix for its NEON kernels in local memory, but not in an RPC server's buffers."""
     endpoint, _ = rpc_server
     remote = _config(tmp_path, smollm2_path, [endpoint])
     local = _config(tmp_path, smollm2_path, None)
@@ -238,7 +242,10 @@ def test_a_member_through_rpc_scores_and_generates_like_the_local_one(
         done = _lvr(config, "score", "--json", "--text", TEXT)
         assert done.returncode == 0, done.stderr
         scores.append(json.loads(done.stdout)["models"]["smollm2"]["logprob"])
-    assert scores[0] == scores[1]
+    if BIT_FOR_BIT:
+        assert scores[0] == scores[1]
+    else:
+        assert scores[0] == pytest.approx(scores[1], abs=0.01)
     texts = []
     for config in (remote, local):
         done = _lvr(config, "generate", "--raw", "--json", "--max-pieces", "20", "Once upon a")
@@ -276,9 +283,9 @@ def test_a_server_killed_mid_generation_ends_the_run_keeping_its_text(
     )
     assert client.stdout is not None and client.stderr is not None
     if as_json:  # nothing streams: wait for the progress line that ends loading
-        while b"building the sub-vocabulary ..." not in client.stderr.readline():
-            assert client.poll() is None, "the client ended before generating"
-        time.sleep(1.5)
+        while b"building the sub-vocabulary ..." not in (line := client.stderr.readline()):
+            assert line, "the client ended before generating"
+        time.sleep(4)  # generating (4,000 pieces take minutes)
         seen = b""
     else:  # the first pieces are out
         seen = b""

@@ -24,8 +24,6 @@ import llama_cpp as L
 from lvr_local.errors import LvrError
 from lvr_local.llama.rpc import REBUILD_HINT
 
-SOURCES = ("ggml-rpc.cpp", "transport.cpp")  # ggml/src/ggml-rpc/, RDMA left out
-
 
 def download_sdist(directory: Path) -> Path:
     """The installed llama-cpp-python version's source archive, downloaded with pip into
@@ -64,7 +62,8 @@ def _compile_command(ggml: Path, out: Path) -> list[str]:
         raise LvrError(f"no C++ compiler found (set CXX); or rebuild with: {REBUILD_HINT}")
     lib = Path(L.__file__).parent / "lib"
     link = ["-dynamiclib"] if sys.platform == "darwin" else ["-shared"]
-    sources = [str(ggml / "src" / "ggml-rpc" / s) for s in SOURCES]
+    rpc_dir = ggml / "src" / "ggml-rpc"  # ggml-rpc.cpp, transport.cpp; Apple's RDMA left out
+    sources = [str(p) for p in sorted(rpc_dir.glob("*.cpp")) if "apple" not in p.name]
     flags = ["-std=c++17", "-O2", "-fPIC", "-DNDEBUG", "-DGGML_BACKEND_DL", "-DGGML_SHARED"]
     flags += ["-DGGML_BACKEND_BUILD", "-DGGML_BACKEND_SHARED"]
     includes = [f"-I{ggml / 'include'}", f"-I{ggml / 'src'}"]
@@ -79,14 +78,15 @@ def build_rpc_module(out: Path, *, sdist: Path | None = None, downloads: Path) -
         raise LvrError(f"building the RPC module is not supported on Windows: {REBUILD_HINT}")
     archive = sdist or download_sdist(downloads)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.part")  # renamed whole, in place
     with tempfile.TemporaryDirectory(prefix="lvr-rpc-build-") as work:
         ggml = _extract(archive, Path(work))
-        partial = Path(work) / out.name
         start = time.perf_counter()
         done = subprocess.run(_compile_command(ggml, partial), capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or ["no output"]
-            raise LvrError(f"compiling the RPC module failed: {errors[0]}")
-        shutil.move(partial, out)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or ["no output"]
+        raise LvrError(f"compiling the RPC module failed: {errors[0]}")
+    os.replace(partial, out)
     return seconds
