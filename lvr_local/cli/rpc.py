@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from lvr_local.llama.rpc import module_path, parse_endpoint, serve
+from lvr_local.llama.rpc import module_path, parse_endpoint, rpc_backend, serve
 from lvr_local.llama.rpc_build import build_rpc_module
 from lvr_local.machine import physical_cores
 from lvr_local.paths import cache_dir
@@ -48,7 +48,8 @@ def rpc_server(host: str, port: int, threads: int | None, cache: Path | None) ->
     endpoint = parse_endpoint(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    click.echo(f"lvr rpc-server on {endpoint}. {WARNING}", err=True)
+    origin = rpc_backend().origin  # a build without RPC: the error, before any warning
+    click.echo(f"lvr rpc-server on {endpoint} (RPC backend: {origin}). {WARNING}", err=True)
     # The server blocks in C, where Python's signal handlers never run: let Ctrl-C and
     # SIGTERM end the process the default way.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -85,7 +85,8 @@ class LlamaBackend:
     n_batch tokens per llama_decode (at least n_seq_max); n_seq_max sequence ids, i.e.
     branches kept in the cache at once (more alive prefixes still work, by eviction and
     re-evaluation); n_threads defaults to the physical cores; n_ubatch (default n_batch)
-    is how many tokens llama.cpp computes at once.
+    is how many tokens llama.cpp computes at once. devices: where the n_gpu_layers go
+    (llama.cpp devices, e.g. RPC servers', rpc.py), instead of this build's GPUs.
 
     Numerics: llama.cpp's results are deterministic but depend on how a token was computed:
     with which other tokens (GEMM vs GEMV kernels, by ubatch size) and, with flash
