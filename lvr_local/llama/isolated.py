@@ -20,15 +20,17 @@ its connection cannot hang the run either.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pickle
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -137,8 +139,9 @@ class IsolatedBackend:
             raise LvrError(f"the model backend of {self.path.name} is closed")
         assert child.stdin is not None and child.stdout is not None
         try:
-            _write_frame(child.stdin, (method, args))
-            status, result, counters = _read_frame(child.stdout, timeout)
+            with _ctrl_c_after():  # a half-read reply would put the pipe out of step
+                _write_frame(child.stdin, (method, args))
+                status, result, counters = _read_frame(child.stdout, timeout)
         except (OSError, EOFError, TimeoutError) as e:
             raise self._died(e) from None
         self.counters = BackendCounters(**counters)
@@ -203,6 +206,23 @@ class IsolatedBackend:
     def __del__(self) -> None:
         if getattr(self, "_child", None) is not None:
             self.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Hold back Ctrl-C until the block is done (one request and its reply: a forward
+    pass), then deliver it. Only the main thread receives it, so only there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _spawn() -> subprocess.Popen[bytes]:
@@ -291,6 +311,7 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
 def main() -> None:
     """The child's entry: requests on stdin, replies on the original stdout; anything
     llama.cpp prints goes to stderr, which the parent keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     _serve(sys.stdin.buffer, replies)
