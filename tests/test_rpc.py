@@ -305,3 +305,30 @@ def test_a_server_killed_mid_generation_ends_the_run_keeping_its_text(
         assert len(record["text"]) > 10 and record["pieces"] < 4000
     else:
         assert (seen + out).decode().startswith(",") and len(seen + out) > 10
+
+
+def test_ctrl_c_through_rpc_keeps_the_text(
+    rpc_server: tuple[str, subprocess.Popen[bytes]], smollm2_path: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches the whole process group, the member's child process included: the
+    child ignores it and the run ends as any interrupted run (exit 130, text kept)."""
+    endpoint, server = rpc_server
+    config = _config(tmp_path, smollm2_path, [endpoint])
+    args = ["generate", "--raw", "--max-pieces", "4000", "Once upon a time"]
+    client = subprocess.Popen(
+        [*LVR, "--config", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert client.stdout is not None
+    seen = b""
+    while len(seen) < 20:
+        chunk = client.stdout.read1(4096)
+        assert chunk, "the client ended before generating"
+        seen += chunk
+    os.killpg(client.pid, signal.SIGINT)
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 130, err
+    assert b"[interrupted]" in err and b"Traceback" not in err
+    assert (seen + out).startswith(b",") and server.poll() is None
