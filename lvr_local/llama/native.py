@@ -21,6 +21,7 @@ import llama_cpp as L
 import numpy as np
 
 from lvr_local.errors import LvrError, ModelFileError
+from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.paths import log_file
 
 GGUF_MAGIC = b"GGUF"
@@ -104,6 +105,7 @@ class LlamaModel:
     def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0) -> None:
         path = Path(path)
         check_gguf_file(path)
+        check_gguf(path)  # what llama.cpp would abort on, reported as an error instead
         ensure_backend()
         params = L.llama_model_default_params()
         params.vocab_only = vocab_only

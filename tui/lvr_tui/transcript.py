@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from lvr_local import strict_json
 from lvr_local.paths import user_dir
 
 
@@ -87,7 +88,7 @@ class ConversationLog:
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(strict_json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
