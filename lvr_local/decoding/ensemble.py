@@ -38,7 +38,7 @@ from lvr_local.decoding.prompting import PreparedPrompt, prepare_chat, prepare_r
 from lvr_local.decoding.roles import TURN_SEPARATORS, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.errors import LvrError
-from lvr_local.llama.chat_template import format_chat
+from lvr_local.llama.chat_template import chat_parts
 
 METHODS = ("lossless", "naive")
 
@@ -144,8 +144,8 @@ class Ensemble:
         if member.role == "base":
             text = format_transcript(messages).encode("utf-8")
             return prepare_raw(member.backend, member.vocab, text)
-        formatted = format_chat(member.chat_template, messages, model=member.name)
-        return prepare_chat(member.backend, formatted)
+        parts = chat_parts(member.chat_template, messages, model=member.name)
+        return prepare_chat(member.backend, parts)
 
     def _start(self, prepare: Callable[[Member], PreparedPrompt], *, chat: bool) -> None:
         self._close_states()
