@@ -222,6 +222,7 @@ def score(
     if (text is None) == (file_ is None):
         raise click.UsageError("give exactly one of --text or --file")
     data = _score_text(text, file_)
+    condition = utf8_bytes(prompt, "--prompt")
     if not data:
         raise click.UsageError("the text to score is empty")
     sub = kw.get("sub_vocab") or "bytes"
@@ -232,7 +233,7 @@ def score(
         )
     settings = settings_from(ctx, kw, sub_vocab="bytes")
     with json_on_failure(as_json), open_runner(ctx, kw, settings) as runner:
-        result = runner.score(data, utf8_bytes(prompt, "--prompt")).run()
+        result = runner.score(data, condition).run()
     if as_json:
         echo_json(result)
         return

@@ -19,6 +19,7 @@ generation.py's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -124,6 +125,9 @@ class Ensemble:
     def set_weights(self, weights: Sequence[float]) -> None:
         if len(weights) != len(self.members):
             raise LvrError(f"expected {len(self.members)} weights, got {len(weights)}")
+        bad = [w for w in weights if not math.isfinite(w)]
+        if bad:  # NaN would silently act as 0, an infinity as everything
+            raise LvrError(f"a weight must be a finite number, got {bad[0]}")
         for m, w in zip(self.members, weights, strict=True):
             m.weight = float(w)
 
@@ -262,7 +266,10 @@ class Ensemble:
     ) -> PieceEvent:
         sub = self._phase_sub
         if logp[piece] == -np.inf:
-            raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
+            raise LvrError(
+                f"piece {index} of the text, {sub.piece_bytes(piece)!r}, has probability 0 "
+                "under every model: no model can spell the text there"
+            )
         mix = self.mix_weights()
         if self._posterior is not None:
             self._posterior.update(logq[:, piece])
