@@ -55,6 +55,17 @@ def install() -> None:
             signal.signal(signum, _handler)
 
 
+def uninstall() -> None:
+    """Give the signals back to Python's defaults, for a front end with its own handling
+    (the TUI reads Ctrl-C as a key; the server's uvicorn shuts down on its own)."""
+    if not _State.installed:
+        return
+    _State.installed, _State.depth, _State.pending = False, 0, None
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def started() -> None:
     """Start-up is over: a signal that came during it is raised now."""
     if _State.installed and _State.depth > 0:

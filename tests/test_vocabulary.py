@@ -144,7 +144,7 @@ def test_truncated_gguf(smollm2_path: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     with smollm2_path.open("rb") as f:
         cut.write_bytes(f.read(200_000))
-    with pytest.raises(ModelFileError, match="not a valid GGUF file: .* runs past the file"):
+    with pytest.raises(ModelFileError, match=r"not a valid GGUF file: .* runs past the file"):
         load_vocabulary(cut)  # checked before llama.cpp sees it (gguf_check.py)
 
 
