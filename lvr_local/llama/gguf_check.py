@@ -8,19 +8,21 @@ llama.cpp sources (llama-cpp-python 0.3.36):
 - llama-vocab.cpp, `load()`: `GGML_ASSERT(id_to_token.size() == token_to_id.size())`
   fails when the vocabulary holds the same token string twice (an empty string counts
   as "[EMPTY_<id>]", as llama.cpp renames it). Checked: `_check_vocabulary`.
-- llama-vocab.cpp, `load()`: the scores and token types are read as arrays of at least
-  n_tokens entries (an error there, but reading a shorter array of the wrong element
-  type would read past it). Checked: both arrays, their element types and lengths.
+- llama-vocab.cpp, `load()`: scores and token types shorter than the vocabulary, or of
+  another element type. llama.cpp reports these as errors itself; they are checked here
+  too so that every vocabulary problem is named the same way.
 - llama-model.cpp, `load_hparams()`: `GGML_ASSERT(n_layer > 0 && n_layer <=
   LLAMA_MAX_LAYERS)` (512), `GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS)` (1024),
   `GGML_ASSERT(n_expert_used <= n_expert)`. Checked: `_check_hyperparameters`.
 - llama-model.cpp: n_embd / n_head and n_head / n_head_kv are integer divisions (a zero
-  head count is a SIGFPE, not even an abort), and the tensor shapes derive from these
-  numbers, so absurd ones ask for absurd allocations. Checked: every size is in range.
-- llama-model-loader.cpp: `GGML_ASSERT(t_meta.ne[dim] >= 1)` and
-  `GGML_ASSERT(offs + size <= ggml_nbytes(...))`; a tensor whose data lies beyond the end
-  of a truncated file is read through mmap, past the mapping. Checked:
-  `_check_tensors` (dimensions, known types, every tensor's bytes inside the file).
+  head count would be a division by zero), and the tensor shapes derive from these
+  numbers, so absurd ones ask for absurd allocations. Checked: every size is in range
+  (HYPERPARAMETERS). Some of these llama.cpp would report as a tensor shape error; a
+  context length of 0 it would even accept: it describes no usable model either way.
+- llama-model-loader.cpp: `GGML_ASSERT(t_meta.ne[dim] >= 1)`; and a tensor whose data
+  lies beyond the end of a truncated file (llama.cpp reports that one as an error, "data
+  is not within the file bounds"). Checked: `_check_tensors` (dimensions, known types,
+  every tensor's bytes inside the file), so a truncated file is called truncated.
 
 The parser reads only the header (metadata and tensor table) through mmap; token strings
 are sliced, not decoded, so even a 262,144-token vocabulary takes a fraction of a second.
