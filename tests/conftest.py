@@ -36,6 +36,17 @@ SDIST_VOCABS = (
 SLOW_FIXTURES = {"bundled_paths", "smollm2_path", "gemma_path", "sdist_vocab_dir", "real_vocabs"}
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault tests' tally: cases tried and held per class (tests/fault_tally.py)."""
+    from fault_tally import report
+
+    lines = report()
+    if lines:
+        terminalreporter.section("fault cases")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

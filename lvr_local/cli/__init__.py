@@ -1,17 +1,20 @@
 """The `lvr` command line: one click group; commands only present, the library works.
 
 Every user mistake (bad models.toml, missing or corrupt GGUF, unsupported tokenizer,
-bad flag value) reaches the user as one 'Error: ...' line and exit status 1.
+bad flag value) reaches the user as one 'Error: ...' line and exit status 1 (2 for a
+usage error). Ctrl-C anywhere exits with 130, SIGTERM with 143, after printing what
+was produced (lvr_local/interrupts.py).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from lvr_local import __version__
+from lvr_local import __version__, interrupts
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
@@ -60,7 +63,33 @@ for _command in (*_COMMANDS, rpc_server, rpc_build):
 
 
 def main() -> None:
-    cli(prog_name="lvr")
+    interrupts.install()
+    sys.exit(run_cli())
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the command line and return its exit status: click's own handling, except
+    that an interrupt is never click's "Aborted!" (exit 1) but 130 or 143."""
+    try:
+        interrupts.started()
+        result = cli.main(args, prog_name="lvr", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            return _interrupted(cause)
+        click.echo("Aborted!", err=True)
+        return 1
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    return result if isinstance(result, int) else 0
+
+
+def _interrupted(error: KeyboardInterrupt) -> int:
+    click.echo("\n[interrupted]", err=True)
+    return interrupts.exit_status(error)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 
 import click
 
+from lvr_local import strict_json
 from lvr_local.core.combine import RULES
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import METHODS
@@ -262,7 +262,8 @@ def open_runner(
 
 
 def echo_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """Every --json output: strict JSON, NaN and infinities written as null."""
+    click.echo(strict_json.dumps(data, indent=2))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

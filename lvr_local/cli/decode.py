@@ -3,13 +3,16 @@ loading, settings and decoding are the runner's."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
+from lvr_local import interrupts, strict_json
 from lvr_local.cli.common import (
     echo_json,
     model_options,
@@ -20,22 +23,69 @@ from lvr_local.cli.common import (
 from lvr_local.core.chat import Message
 from lvr_local.errors import LvrError
 from lvr_local.runner.run import Run, Runner
+from lvr_local.text import utf8_bytes, utf8_text
 
 
 def read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
+    """PROMPT, or stdin for '-', checked to be UTF-8 (the error names the first bad byte)."""
+    if prompt == "-":
+        return utf8_text(sys.stdin.buffer.read(), "the prompt read from stdin")
+    utf8_bytes(prompt, "the prompt")
+    return prompt
 
 
-def stream(run: Run, *, show: bool) -> None:
-    """Print a run's text as it comes (when `show`); Ctrl-C ends it and keeps the text."""
+def stream(run: Run, *, show: bool) -> BaseException | None:
+    """Print a run's text as it comes (when `show`). Ctrl-C, SIGTERM or a failure ends
+    it and keeps the text; returns what ended it (None: the run finished)."""
+    ended: BaseException | None = None
     try:
         for chunk in run:
             if show and chunk.text:
                 click.echo(chunk.text, nl=False)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         run.interrupt()
+        ended = e
+    except LvrError as e:  # the run records it (stop reason "error")
+        ended = e
     if show:
         click.echo()
+    return ended
+
+
+def failure_record(error: BaseException) -> dict[str, Any]:
+    """The --json record of a run that ended before its first piece."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    return {
+        "text": "",
+        "pieces": 0,
+        "bytes": 0,
+        "stop_reason": "interrupted" if interrupted else "error",
+        **({} if interrupted else {"error": str(error)}),
+    }
+
+
+@contextlib.contextmanager
+def json_on_failure(as_json: bool) -> Iterator[None]:
+    """With --json, a run that fails or is interrupted before it has a record of its own
+    still prints one (then the error or interrupt goes on to set the exit status)."""
+    try:
+        yield
+    except (LvrError, KeyboardInterrupt) as e:
+        if as_json:
+            echo_json(failure_record(e))
+        raise
+
+
+def finish(ctx: click.Context, run: Run, ended: BaseException | None, as_json: bool) -> None:
+    """Print the record (--json), then exit as the run ended: 0, 1 (an error after the
+    text so far) or 130/143 (interrupted)."""
+    if as_json:
+        echo_json(run.record())
+    if isinstance(ended, KeyboardInterrupt):
+        click.echo("[interrupted]", err=True)
+        ctx.exit(interrupts.exit_status(ended))
+    if ended is not None:
+        raise click.ClickException(str(ended))
 
 
 @click.command()
@@ -54,28 +104,16 @@ def generate(
     ctx: click.Context, prompt: str, chat: bool, system: str | None, as_json: bool, **kw: Any
 ) -> None:
     """Generate a continuation of PROMPT ('-' reads stdin) with the ensemble."""
-    settings = settings_from(ctx, kw)
-    text = read_prompt(prompt)
-    with open_runner(ctx, kw, settings) as runner:
-        if chat:
-            messages = [Message("system", system)] if system else []
-            run = runner.chat([*messages, Message("user", text)])
-        else:
-            run = runner.complete(text.encode("utf-8"))
-        try:
-            stream(run, show=not as_json)
-        except LvrError:
-            # The text so far is kept: already printed, or in the record (with the error).
-            if as_json:
-                echo_json(run.record())
+    with json_on_failure(as_json):
+        settings = settings_from(ctx, kw)
+        text = read_prompt(prompt)
+        with open_runner(ctx, kw, settings) as runner:
+            if chat:
+                messages = [Message("system", system)] if system else []
+                run = runner.chat([*messages, Message("user", text)])
             else:
-                click.echo()
-            raise
-        if as_json:
-            echo_json(run.record())
-        if run.stats.stop_reason == "interrupted":
-            click.echo("[interrupted]", err=True)
-            ctx.exit(130)
+                run = runner.complete(text.encode("utf-8"))
+            finish(ctx, run, stream(run, show=not as_json), as_json)
 
 
 @click.command()
@@ -92,8 +130,9 @@ def chat(ctx: click.Context, system: str | None, **kw: Any) -> None:
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
-            except (EOFError, click.Abort):
+            except (EOFError, click.Abort) as e:
                 click.echo()
+                _leave_on_sigterm(e.__context__)
                 return
             if line.startswith("/"):
                 if not chat_command(line, runner, history, system):
@@ -103,17 +142,32 @@ def chat(ctx: click.Context, system: str | None, **kw: Any) -> None:
                 chat_turn(runner, history, line)
 
 
+def _leave_on_sigterm(error: BaseException | None) -> None:
+    """Ctrl-C only ends a turn; SIGTERM ends the session (exit 143)."""
+    if isinstance(error, interrupts.Interrupted) and error.signum == signal.SIGTERM:
+        raise error
+
+
 def chat_turn(runner: Runner, history: list[Message], line: str) -> None:
-    """One exchange; a failing turn is reported and the conversation goes on."""
+    """One exchange. Whatever fails in it (a message that is not UTF-8, a conversation
+    longer than the context, weights the rule refuses) is reported and the conversation
+    goes on; an interrupted or failed reply keeps the text it had."""
     try:
         run = runner.chat([*history, Message("user", line)])
-        stream(run, show=True)
-    except LvrError as e:
+    except KeyboardInterrupt as e:
+        _leave_on_sigterm(e)
+        click.echo("[interrupted]", err=True)
+        return
+    except Exception as e:  # any failed turn is reported; the conversation is kept
         click.echo(f"[error: {e}]", err=True)
         return
-    if run.stats.stop_reason == "interrupted":
-        click.echo("[interrupted: reply kept]", err=True)
+    ended = stream(run, show=True)
     history += [Message("user", line), Message("assistant", run.text)]
+    if isinstance(ended, KeyboardInterrupt):
+        click.echo("[interrupted: reply kept]", err=True)
+        _leave_on_sigterm(ended)
+    elif ended is not None:
+        click.echo(f"[error: {ended}; the reply so far is kept]", err=True)
 
 
 def chat_command(line: str, runner: Runner, history: list[Message], system: str | None) -> bool:
@@ -142,7 +196,7 @@ def chat_command(line: str, runner: Runner, history: list[Message], system: str 
 def save_history(history: list[Message], path: Path) -> None:
     record = [{"role": m.role, "content": m.content} for m in history]
     try:
-        path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        path.write_text(strict_json.dumps(record, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         click.echo(f"[cannot save to {path}: {e.strerror or e}]", err=True)
         return
@@ -167,7 +221,8 @@ def score(
     """Exact log-probability and bits per byte of a text, per model and for the ensemble."""
     if (text is None) == (file_ is None):
         raise click.UsageError("give exactly one of --text or --file")
-    data = file_.read_bytes() if file_ is not None else (text or "").encode("utf-8")
+    data = _score_text(text, file_)
+    condition = utf8_bytes(prompt, "--prompt")
     if not data:
         raise click.UsageError("the text to score is empty")
     sub = kw.get("sub_vocab") or "bytes"
@@ -177,12 +232,24 @@ def score(
             "piece sequences, and one spelling's probability is not the text's"
         )
     settings = settings_from(ctx, kw, sub_vocab="bytes")
-    with open_runner(ctx, kw, settings) as runner:
-        result = runner.score(data, prompt.encode("utf-8")).run()
+    with json_on_failure(as_json), open_runner(ctx, kw, settings) as runner:
+        result = runner.score(data, condition).run()
     if as_json:
         echo_json(result)
         return
     print_score(result)
+
+
+def _score_text(text: str | None, file_: Path | None) -> bytes:
+    """The text to score as UTF-8 bytes: --text, or the content of --file."""
+    if file_ is None:
+        return utf8_bytes(text or "", "--text")
+    try:
+        data = file_.read_bytes()
+    except OSError as e:
+        raise LvrError(f"cannot read {file_}: {e.strerror or e}") from e
+    utf8_text(data, str(file_))
+    return data
 
 
 def print_score(result: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import click
 
@@ -47,6 +48,13 @@ def models(ctx: click.Context, as_json: bool) -> None:
     ]
     headers = ("NAME", "ENABLED", "STATUS", "SIZE", "ROLE", "TOKENIZER", "VOCAB", "RUNS ON", "PATH")
     click.echo(table(headers, rows))
+    for r in records:  # never silent: why a model is not usable
+        if "error" in r:
+            click.echo(f"{r['name']}: {r['error']}", err=True)
+
+
+def path_exists(path: object) -> bool:
+    return bool(path) and Path(str(path)).exists()
 
 
 def _model_record(spec: ModelSpec, defaults: RunSettings) -> dict[str, object]:
@@ -76,6 +84,8 @@ def _model_record(spec: ModelSpec, defaults: RunSettings) -> dict[str, object]:
         return record
     except LvrError as e:
         record["error"] = str(e)
+        if path_exists(record["path"]):
+            record["status"] = "unusable"
         return record
     record.update(
         status="found",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lvr_local import interrupts
+
 
 @click.command()
 @click.option(
@@ -17,4 +19,5 @@ def tui(ctx: click.Context, max_pieces: int | None) -> None:
     from lvr_tui.app import LvrApp  # textual is only imported when the app runs
 
     config_path = ctx.find_root().obj.get("config_path")
+    interrupts.uninstall()  # the app handles its keys; SIGTERM ends it as before
     LvrApp(config_path, max_pieces=max_pieces).run()

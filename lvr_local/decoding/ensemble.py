@@ -19,6 +19,7 @@ generation.py's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -38,7 +39,7 @@ from lvr_local.decoding.prompting import PreparedPrompt, prepare_chat, prepare_r
 from lvr_local.decoding.roles import TURN_SEPARATORS, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.errors import LvrError
-from lvr_local.llama.chat_template import format_chat
+from lvr_local.llama.chat_template import chat_parts
 
 METHODS = ("lossless", "naive")
 
@@ -128,6 +129,9 @@ class Ensemble:
     def set_weights(self, weights: Sequence[float]) -> None:
         if len(weights) != len(self.members):
             raise LvrError(f"expected {len(self.members)} weights, got {len(weights)}")
+        bad = [w for w in weights if not math.isfinite(w)]
+        if bad:  # NaN would silently act as 0, an infinity as everything
+            raise LvrError(f"a weight must be a finite number, got {bad[0]}")
         for m, w in zip(self.members, weights, strict=True):
             m.weight = float(w)
 
@@ -148,8 +152,8 @@ class Ensemble:
         if member.role == "base":
             text = format_transcript(messages).encode("utf-8")
             return prepare_raw(member.backend, member.vocab, text)
-        formatted = format_chat(member.chat_template, messages, model=member.name)
-        return prepare_chat(member.backend, formatted)
+        parts = chat_parts(member.chat_template, messages, model=member.name)
+        return prepare_chat(member.backend, parts)
 
     def _start(self, prepare: Callable[[Member], PreparedPrompt], *, chat: bool) -> None:
         self._close_states()
@@ -269,7 +273,10 @@ class Ensemble:
         member_logq, pruned, left, revived = self._advance_members(piece, logq[:, piece], ahead)
         if logp[piece] == -np.inf:  # a forced piece only revived branches could spell
             if not any(self._live):
-                raise LvrError(f"piece {sub.piece_bytes(piece)!r} is impossible for the ensemble")
+                raise LvrError(
+                    f"piece {index} of the text, {sub.piece_bytes(piece)!r}, has probability "
+                    "0 under every model: no model can spell the text there"
+                )
             logq = logq.copy()
             logq[:, piece] = member_logq
             logp = self.combined(logq)

@@ -19,6 +19,7 @@ they hold nothing back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,9 +102,16 @@ def _start_token(vocab: Vocabulary) -> list[int]:
     return [start]
 
 
-def prepare_chat(tokenizer: Tokenizer, formatted: str) -> PreparedPrompt:
-    """A chat prompt already formatted with the model's template: no tail."""
-    return PreparedPrompt(tokenizer.tokenize(formatted.encode("utf-8"), True, True), b"")
+def prepare_chat(tokenizer: Tokenizer, parts: Sequence[tuple[str, bool]]) -> PreparedPrompt:
+    """A chat prompt formatted with the model's template, as (text, is_content) parts:
+    the template's text with its control-token strings read as tokens, every message's
+    content as plain text, so that typed markers stay text. No tail."""
+    tokens: list[int] = []
+    for n, (text, is_content) in enumerate(parts):
+        tokens += tokenizer.tokenize(text.encode("utf-8"), n == 0, not is_content)
+    if not parts:
+        tokens = tokenizer.tokenize(b"", True, True)
+    return PreparedPrompt(tokens, b"")
 
 
 def _leading_specials(tokens: list[int], vocab: Vocabulary) -> int:

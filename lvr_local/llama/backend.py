@@ -131,7 +131,9 @@ class LlamaBackend:
                 n_ubatch=n_ubatch,
                 n_gpu_layers=n_gpu_layers,
             )
-            self._batch = LlamaBatch(n_batch)
+            # llama.cpp may lower n_batch (to n_ctx) and aborts on a larger batch: the
+            # batch holds no more than the context takes.
+            self._batch = LlamaBatch(min(n_batch, self._ctx.n_batch))
         except BaseException:
             self.close()
             raise

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from lvr_local import interrupts
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.errors import LvrError
 from lvr_local.llama.backend import BackendCounters, LlamaBackend
@@ -139,7 +140,7 @@ class IsolatedBackend:
             raise LvrError(f"the model backend of {self.path.name} is closed")
         assert child.stdin is not None and child.stdout is not None
         try:
-            with _ctrl_c_after():  # a half-read reply would put the pipe out of step
+            with _signals_after():  # a half-read reply would put the pipe out of step
                 _write_frame(child.stdin, (method, args))
                 status, result, counters = _read_frame(child.stdout, timeout)
         except (OSError, EOFError, TimeoutError) as e:
@@ -209,11 +210,18 @@ class IsolatedBackend:
 
 
 @contextlib.contextmanager
-def _ctrl_c_after() -> Iterator[None]:
-    """Hold back Ctrl-C until the block is done (one request and its reply: a forward
-    pass), then deliver it. Only the main thread receives it, so only there."""
+def _signals_after() -> Iterator[None]:
+    """Hold back Ctrl-C (and the command line's SIGTERM) until the block is done: one
+    request and its reply, a forward pass. Raised inside it, it would leave a reply
+    half-read and the pipe out of step. The command line's handler waits within
+    `interrupts.deferred()`; Python's default one is replaced for the block. Only the
+    main thread receives signals, so only there."""
     if threading.current_thread() is not threading.main_thread():
         yield
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        with interrupts.deferred():
+            yield
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))

@@ -21,7 +21,9 @@ from typing import TextIO
 import llama_cpp as L
 import numpy as np
 
+from lvr_local import interrupts
 from lvr_local.errors import LvrError, ModelFileError
+from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.paths import log_file
 
 GGUF_MAGIC = b"GGUF"
@@ -38,8 +40,7 @@ def set_verbose(on: bool) -> None:
     _verbose = on or os.environ.get("LVR_VERBOSE") == "1"
 
 
-@L.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _log_line(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace")
     _recent_log.append(line)
     try:
@@ -49,6 +50,21 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             print(line, end="", file=sys.stderr, flush=True)
     except (OSError, ValueError):  # a closed file at interpreter exit: nothing to report to
         pass
+
+
+_log_callback = L.llama_log_callback(_log_line)
+
+
+def _load_progress(progress: float, user_data: ctypes.c_void_p) -> bool:
+    """llama.cpp asks whether to go on loading: not once a signal is pending."""
+    return interrupts.pending() is None
+
+
+_progress_callback = L.llama_progress_callback(_load_progress)
+# A signal arriving inside these callbacks cannot be raised there (ctypes would swallow
+# it): it waits until the C call returns (lvr_local/interrupts.py).
+interrupts.register_callback(_log_line.__code__)
+interrupts.register_callback(_load_progress.__code__)
 
 
 def _open_log() -> TextIO | None:
@@ -114,6 +130,7 @@ class LlamaModel:
         n_gpu_layers to, instead of every device the build has (the RPC servers)."""
         path = Path(path)
         check_gguf_file(path)
+        check_gguf(path)  # what llama.cpp would abort on, reported as an error instead
         ensure_backend()
         params = L.llama_model_default_params()
         params.vocab_only = vocab_only
@@ -121,9 +138,11 @@ class LlamaModel:
         if devices:  # a NULL-terminated array, alive until the load returns
             device_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
             params.devices = ctypes.cast(device_array, ctypes.c_void_p)
+        params.progress_callback = _progress_callback
         _recent_log.clear()
         self.path = path
-        self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        with interrupts.deferred():  # Ctrl-C stops the load, then is raised here
+            self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             detail = recent_errors() or "no detail from llama.cpp"
             raise ModelFileError(
@@ -204,7 +223,8 @@ class LlamaContext:
         )
         _recent_log.clear()
         self.model = model
-        self.ptr = L.llama_init_from_model(model.ptr, params)
+        with interrupts.deferred():
+            self.ptr = L.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             detail = recent_errors() or "no detail from llama.cpp"
             raise LvrError(
@@ -222,7 +242,8 @@ class LlamaContext:
 
     def decode(self, batch: LlamaBatch) -> int:
         """llama_decode's status: 0 ok, 1 no KV slot (memory left unchanged), else failure."""
-        return L.llama_decode(self.ptr, batch.struct)
+        with interrupts.deferred():  # a signal during the decode is raised after it
+            return L.llama_decode(self.ptr, batch.struct)
 
     def logits_row(self, i: int, n_vocab: int) -> np.ndarray:
         """A copy of the logits of output `i` of the last decode (only that row is copied)."""

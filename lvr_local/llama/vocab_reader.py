@@ -51,8 +51,8 @@ def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
     if cache_file is not None and cache_file.exists():
         try:
             return _read_cache(cache_file, path, name)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
+        except Exception:  # any damage (truncated, not a zip, wrong arrays): a miss
+            pass  # rebuilt below, and replaced atomically
     vocab = read_vocabulary_from_llama(path, name)
     if cache_file is not None:
         _write_cache(cache_file, vocab)
@@ -191,14 +191,21 @@ def _write_cache(cache_file: Path, vocab: Vocabulary) -> None:
             is_end=vocab.is_end,
             meta=np.array(json.dumps(meta)),
         )
-        os.replace(tmp, cache_file)
-    except OSError:
+        os.replace(tmp, cache_file)  # readers see the old entry or the new, never half
+    except (OSError, ValueError):
         tmp.unlink(missing_ok=True)  # a cache we cannot write only costs speed
 
 
 def _read_cache(cache_file: Path, path: Path, name: str) -> Vocabulary:
+    """The cached vocabulary; raises (anything) when the entry is damaged."""
     with np.load(cache_file, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
+        n = len(data["token_type"])
+        offsets, blob = data["offsets"], data["blob"]
+        if len(offsets) != n + 1 or len(data["is_end"]) != n or offsets[-1] != len(blob):
+            raise ValueError(f"{cache_file}: inconsistent arrays")
+        if set(meta) != set(_META_FIELDS):
+            raise ValueError(f"{cache_file}: unexpected metadata")
         return Vocabulary(
             name=name,
             path=path,

@@ -33,6 +33,7 @@ from lvr_local.llama.isolated import ModelBackend
 from lvr_local.runner.config import ModelSpec
 from lvr_local.runner.loading import ProgressCallback, load_members
 from lvr_local.runner.settings import RunSettings
+from lvr_local.text import utf8_bytes
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ class Runner:
         or a transcript for a base model), sampled with the chat profile's defaults.
         Setting `stop` (from any thread) ends the run after the current piece; top_n > 0
         lists each piece's top_n most likely alternatives in its event."""
+        for m in messages:
+            utf8_bytes(m.content, f"the {m.role} message")
         resolved, ensemble = self._for_run(settings, "chat")
         ensemble.start_chat(messages)
         return Run(self, ensemble, resolved, stop, top_n)

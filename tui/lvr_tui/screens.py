@@ -403,6 +403,13 @@ class ChatScreen(Screen[None]):
         self.lvr.system_prompt = saved.system_prompt
         conversation.scroll_end(animate=False)
         self.notify(f"opened {saved.path.name}", timeout=2)
+        if saved.skipped:  # never silent: some lines could not be read back
+            lines = "line" if saved.skipped == 1 else "lines"
+            self.notify(
+                f"{saved.skipped} unreadable {lines} of {saved.path.name} skipped",
+                severity="warning",
+                timeout=6,
+            )
 
 
 def describe(runner: Runner, settings: RunSettings) -> str:

@@ -3,18 +3,21 @@
 Each line is one record, written and flushed as soon as it is known: the conversation
 header, each message when it completes, and each generated piece as it arrives. A crash
 therefore loses at most the line being written; pieces after the last assistant message
-are read back as a partial reply. A torn last line is skipped when reading.
+are read back as a partial reply. A line that cannot be read back (torn by a crash,
+edited by hand, a field of the wrong type) is skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from lvr_local import strict_json
 from lvr_local.paths import user_dir
 
 
@@ -48,6 +51,7 @@ class SavedConversation:
     created: str
     messages: list[SavedMessage]
     system_prompt: str = ""
+    skipped: int = 0  # lines that could not be read back
 
     @property
     def title(self) -> str:
@@ -87,7 +91,7 @@ class ConversationLog:
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(strict_json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -112,56 +116,99 @@ def list_conversations() -> list[SavedConversation]:
     for path in sorted(conversations_dir().glob("*.jsonl"), reverse=True):
         try:
             found.append(read_conversation(path))
-        except OSError:
+        except (OSError, ValueError):
             continue
     return found
 
 
 def read_conversation(path: Path) -> SavedConversation:
+    """A saved conversation; unreadable lines are skipped and counted in `skipped`."""
     convo = SavedConversation(path=path, created="", messages=[])
     pending: list[PieceRecord] = []
-    for record in _records(path):
-        kind = record.get("type")
-        if kind == "conversation":
-            convo.created = str(record.get("created", ""))
-            convo.system_prompt = str(record.get("settings", {}).get("system_prompt", ""))
-        elif kind == "settings":
-            convo.system_prompt = str(record.get("system_prompt", convo.system_prompt))
-        elif kind == "piece":
-            pending.append(_piece(record))
-        elif kind == "message":
-            role = str(record.get("role", ""))
-            pieces, pending = (pending, []) if role == "assistant" else ([], pending)
-            convo.messages.append(
-                SavedMessage(
-                    role, str(record.get("content", "")), pieces, str(record.get("stop_reason", ""))
-                )
-            )
+    records, convo.skipped = _records(path)
+    for record in records:
+        try:
+            pending = _apply(convo, record, pending)
+        except (TypeError, ValueError, AttributeError):
+            convo.skipped += 1
     if pending:  # the app stopped mid-reply: keep what was written
         text = "".join(p.text for p in pending)
         convo.messages.append(SavedMessage("assistant", text, pending, "interrupted"))
     return convo
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    records = []
+def _apply(
+    convo: SavedConversation, record: dict[str, Any], pending: list[PieceRecord]
+) -> list[PieceRecord]:
+    """Add one record to the conversation; returns the pieces still waiting for their
+    message. Raises TypeError, ValueError or AttributeError on a malformed record."""
+    kind = record.get("type")
+    if kind == "conversation":
+        convo.created = _text(record.get("created", ""))
+        settings = record.get("settings", {})
+        convo.system_prompt = _text(settings.get("system_prompt", ""))
+    elif kind == "settings":
+        convo.system_prompt = _text(record.get("system_prompt", convo.system_prompt))
+    elif kind == "piece":
+        return [*pending, _piece(record)]
+    elif kind == "message":
+        role = _text(record.get("role", ""))
+        message = SavedMessage(
+            role, _text(record.get("content", "")), [], _text(record.get("stop_reason", ""))
+        )
+        if role == "assistant":
+            message.pieces, pending = pending, []
+        convo.messages.append(message)
+    return pending
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The file's records, and how many lines were not JSON objects."""
+    records, bad = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line torn by a crash
+            bad += 1  # a line torn by a crash
+            continue
         if isinstance(record, dict):
             records.append(record)
-    return records
+        elif line.strip():
+            bad += 1
+    return records, bad
 
 
 def _piece(record: dict[str, Any]) -> PieceRecord:
+    probs = record.get("member_probs", [])
+    if not isinstance(probs, list):
+        raise TypeError("member_probs is not a list")
     return PieceRecord(
-        text=str(record.get("text", "")),
-        dominant=int(record.get("dominant", 0)),
-        member_probs=tuple(float(p) for p in record.get("member_probs", [])),
-        prob=float(record.get("prob", 0.0)),
+        text=_text(record.get("text", "")),
+        dominant=_integer(record.get("dominant", 0)),
+        member_probs=tuple(_number(p) for p in probs),
+        prob=_number(record.get("prob", 0.0)),
     )
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _number(value: object) -> float:
+    """A probability as saved: a number, or null for one that was not finite."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def _now() -> str:
