@@ -80,10 +80,10 @@ class IsolatedBackend:
             "n_threads": n_threads,
             "n_seq_max": n_seq_max,
         }
-        try:
-            sizes = self._call("open", options, timeout=LOAD_TIMEOUT_S)
+        try:  # loading may take minutes: Ctrl-C stops it at once, the child with it
+            sizes = self._call("open", options, timeout=LOAD_TIMEOUT_S, interruptible=True)
         except BaseException:
-            self.close()
+            self._stop_child()
             raise
         self._n_vocab, self._n_ctx, self._n_seq_max, self.n_threads = sizes
 
@@ -132,15 +132,22 @@ class IsolatedBackend:
 
     # ----- the pipe ---------------------------------------------------------------
 
-    def _call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+    def _call(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float = CALL_TIMEOUT_S,
+        interruptible: bool = False,
+    ) -> Any:
         """One request and its reply; a child that dies or falls silent is stopped and
-        reported as an LvrError naming the servers."""
+        reported as an LvrError naming the servers. A signal waits for the reply unless
+        `interruptible` (then the caller stops the child)."""
         child = self._child
         if child is None:
             raise LvrError(f"the model backend of {self.path.name} is closed")
         assert child.stdin is not None and child.stdout is not None
         try:
-            with _signals_after():  # a half-read reply would put the pipe out of step
+            with contextlib.nullcontext() if interruptible else _signals_after():
                 _write_frame(child.stdin, (method, args))
                 status, result, counters = _read_frame(child.stdout, timeout)
         except (OSError, EOFError, TimeoutError) as e:
