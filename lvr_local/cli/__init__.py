@@ -14,6 +14,7 @@ import click
 from lvr_local import __version__
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
+from lvr_local.cli.eval import eval_command
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
 from lvr_local.cli.serve import serve
 from lvr_local.cli.tui import tui
@@ -53,7 +54,8 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
     set_verbose(verbose)
 
 
-for _command in (models, vocab, common, paths, settings, generate, chat, score, serve, bench, tui):
+_COMMANDS = (models, vocab, common, paths, settings, generate, chat, score, eval_command, serve)
+for _command in (*_COMMANDS, bench, tui):
     cli.add_command(_command)
 
 
