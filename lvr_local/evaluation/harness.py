@@ -119,6 +119,7 @@ def generation_record(
         "pieces": gen.pieces,
         "prompt_tokens": gen.prompt_tokens,
         "cached_tokens": gen.cached_tokens,
+        "forward_passes": gen.forward_passes,
     }
     if spec.kind == "code":
         program = code_program(prompt, gen.text, item, spec.test_field, spec.entry_point_field)

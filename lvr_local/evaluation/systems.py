@@ -103,6 +103,7 @@ class Generation:
     seconds: float
     prompt_tokens: int
     cached_tokens: int
+    forward_passes: int  # llama_decode calls for the continuation, summed over members
 
 
 def generate(runner: Runner, system: System, prompt: str, settings: RunSettings) -> Generation:
@@ -117,6 +118,7 @@ def generate(runner: Runner, system: System, prompt: str, settings: RunSettings)
     after = runner.counters()
     for _ in run:
         pass
+    end = runner.counters()
     return Generation(
         text=run.text,
         pieces=run.stats.pieces,
@@ -124,6 +126,7 @@ def generate(runner: Runner, system: System, prompt: str, settings: RunSettings)
         seconds=time.perf_counter() - t0,
         prompt_tokens=_delta(before, after, "tokens_evaluated"),
         cached_tokens=_delta(before, after, "cache_hits"),
+        forward_passes=_delta(after, end, "forward_passes"),
     )
 
 
