@@ -108,6 +108,7 @@ def test_the_command_reports_task_errors_without_a_traceback(tmp_path: Path) -> 
         (("eval", str(GSM8K), "--data", str(data)), 'tasks.jsonl line 1: missing field "answer"'),
         (("eval", str(GSM8K), "--data", str(tmp_path / "none.jsonl")), "cannot read task data"),
         (("eval", str(GSM8K), "--views", "speed"), "--views"),
+        (("eval", str(GSM8K), "--systems", "mcv:median"), "unknown system 'mcv:median'"),
     ]
     for args, message in cases:
         code, out = run(*args)
@@ -222,7 +223,7 @@ def test_gsm8k_format_runs_and_a_longer_rerun_only_adds_items(
     tmp_path: Path, bundled_paths: dict[str, Path]
 ) -> None:
     out = tmp_path / "gsm"
-    args = ["eval", str(GSM8K), "--systems", "smollm2-135m,mcv", "--max-pieces", "20"]
+    args = ["eval", str(GSM8K), "--systems", "smollm2-135m,mcv", "--max-pieces", "16"]
     code, text = run(*args, "--limit", "1", "--output", str(out))
     assert code == 0, text
     first = (out / "items.jsonl").read_text()
@@ -263,6 +264,8 @@ def test_multiple_choice_by_likelihood(tmp_path: Path, bundled_paths: dict[str, 
         "2",
         "--systems",
         "smollm2-135m,naive,mcv",
+        "--text-prune",
+        "1e-4",
         "--output",
         str(out),
     )

@@ -20,6 +20,7 @@ import click
 from lvr_local.cli.common import (
     echo_json,
     model_options,
+    model_specs,
     open_runner,
     sampling_options,
     settings_from,
@@ -69,25 +70,27 @@ def eval_command(ctx: click.Context, task: str, **kw: Any) -> None:
     views = parse_views(kw["views"])
     settings = eval_settings(ctx, kw, loaded)
     seed = kw["seed"] if kw["seed"] is not None else 0
+    # Everything that can be refused is checked before the models load.
+    specs = model_specs(ctx, kw["models"], kw["weights"])
+    members = [s.name for s in specs]
+    names = kw["systems"].split(",") if kw["systems"] else default_system_names(members)
+    systems = parse_systems([n.strip() for n in names if n.strip()], members)
+    fingerprint = run_fingerprint(loaded, specs, settings, seed)
+    folder = kw["output"] or default_folder(loaded, fingerprint)
+    log = ResultLog(folder, fingerprint)
     with open_runner(ctx, kw, settings) as runner:
-        members = [m.name for m in runner.members]
-        names = kw["systems"].split(",") if kw["systems"] else default_system_names(members)
-        systems = parse_systems([n.strip() for n in names if n.strip()], members)
-        fingerprint = run_fingerprint(loaded, runner.specs, settings, seed)
-        folder = kw["output"] or default_folder(loaded, fingerprint)
-        log = ResultLog(folder, fingerprint)
         evaluation = Evaluation(runner, loaded, systems, views, settings, log, kw["limit"])
         try:
             run(evaluation, ProgressLine())
         except KeyboardInterrupt:
-            log.close()
             click.echo(
                 f"\n[interrupted: results so far are in {folder}; rerun to continue]", err=True
             )
             ctx.exit(130)
-        log.close()
-        item_ids = [it.id for it in evaluation.items]
-        summary = summarize(log.records, [s.name for s in systems], members, item_ids, seed)
+        finally:
+            log.close()
+    item_ids = [it.id for it in evaluation.items]
+    summary = summarize(log.records, [s.name for s in systems], members, item_ids, seed)
     summary.update(task=loaded.spec.name, kind=loaded.spec.kind, output=str(folder))
     summary["sandbox_network"] = network_isolation() if loaded.spec.kind == "code" else None
     log.write_summary(summary)
@@ -187,7 +190,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             else f"{tokens['first']:.0f}/"
             + ("-" if tokens["later"] is None else f"{tokens['later']:.0f}")
         )
-        items = "/".join(str(n) for n in r["items"].values()) or "0"
+        counts = set(r["items"].values()) or {0}
+        items = str(counts.pop()) if len(counts) == 1 else "/".join(map(str, r["items"].values()))
         seconds = f"{sum(r['seconds'].values()):.1f}"
         values = [metric_text(m, r["metrics"].get(m)) for m in metrics]
         lines.append([name, *values, items, seconds, first_later])
