@@ -105,6 +105,8 @@ def test_the_command_reports_task_errors_without_a_traceback(tmp_path: Path) -> 
     data.write_text(json.dumps({"question": "q"}) + "\n")
     cases = [
         (("eval", "nosuchtask"), "unknown task 'nosuchtask'"),
+        (("eval", str(tmp_path / "gone.toml")), "task spec not found"),
+        (("eval", str(data)), "tasks.jsonl is data: give its task spec (.toml)"),
         (("eval", str(GSM8K), "--data", str(data)), 'tasks.jsonl line 1: missing field "answer"'),
         (("eval", str(GSM8K), "--data", str(tmp_path / "none.jsonl")), "cannot read task data"),
         (("eval", str(GSM8K), "--views", "speed"), "--views"),

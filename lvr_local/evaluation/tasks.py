@@ -15,6 +15,7 @@ not used (sandbox.py runs the tests).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import string
 import tomllib
@@ -319,8 +320,12 @@ def load_task(ref: str, data: Path | None = None) -> Task:
     path = Path(ref)
     if ref == "humaneval":
         spec = HUMANEVAL
-    elif path.suffix.lower() == ".toml" and path.is_file():
+    elif path.suffix.lower() == ".toml":
+        if not path.is_file():
+            raise TaskError(f"task spec not found: {path}")
         spec = load_spec(path)
+    elif path.suffix.lower() == ".jsonl":
+        raise TaskError(f"{path.name} is data: give its task spec (.toml), with --data {path}")
     else:
         raise TaskError(f"unknown task '{ref}': expected humaneval or a task spec .toml file")
     source = data or spec.data
@@ -335,8 +340,6 @@ def load_task(ref: str, data: Path | None = None) -> Task:
 
 
 def _digest(lines: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
