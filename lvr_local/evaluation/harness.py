@@ -29,7 +29,14 @@ from lvr_local.evaluation.extraction import is_correct
 from lvr_local.evaluation.results import ResultLog
 from lvr_local.evaluation.sandbox import run_program
 from lvr_local.evaluation.systems import System, generate, loglikelihood
-from lvr_local.evaluation.tasks import Item, Task, item_prompt, label_index, reference_text
+from lvr_local.evaluation.tasks import (
+    Item,
+    Task,
+    item_prompt,
+    label_index,
+    reference_text,
+    render,
+)
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import RunSettings
 
@@ -149,7 +156,7 @@ def choice_record(
     spec = evaluation.task.spec
     choices: list[str] = item.fields[spec.choices_field]
     answer = label_index(item.fields[spec.label_field], choices)
-    texts = [reference_text_for(spec.choice_template, item, c) for c in choices]
+    texts = [render(spec.choice_template, {**item.fields, "choice": c}) for c in choices]
     logps = [
         loglikelihood(evaluation.runner, system, prompt, t, evaluation.settings) for t in texts
     ]
@@ -169,10 +176,6 @@ def choice_record(
             "bits_per_byte": [-logps[answer] / math.log(2), sizes[answer]],
         },
     }
-
-
-def reference_text_for(template: str, item: Item, choice: str) -> str:
-    return template.format_map({**item.fields, "choice": choice})
 
 
 def likelihood_record(

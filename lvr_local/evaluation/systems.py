@@ -20,6 +20,7 @@ are what an lm-evaluation-harness adapter would wrap: its `generate_until` and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -109,8 +110,6 @@ class Generation:
 def generate(runner: Runner, system: System, prompt: str, settings: RunSettings) -> Generation:
     """Continue a raw `prompt` with `system` under `settings` (stop strings, budget,
     sampling) until END, a stop string or the budget: lm-eval's `generate_until`."""
-    import time
-
     runner.set_enabled(system.enabled)
     before = runner.counters()
     t0 = time.perf_counter()
