@@ -191,7 +191,11 @@ def print_summary(summary: dict[str, Any]) -> None:
             + ("-" if tokens["later"] is None else f"{tokens['later']:.0f}")
         )
         counts = set(r["items"].values()) or {0}
-        items = str(counts.pop()) if len(counts) == 1 else "/".join(map(str, r["items"].values()))
+        items = (
+            str(counts.pop())
+            if len(counts) == 1
+            else ", ".join(f"{n} {view}" for view, n in r["items"].items())
+        )
         seconds = f"{sum(r['seconds'].values()):.1f}"
         values = [metric_text(m, r["metrics"].get(m)) for m in metrics]
         lines.append([name, *values, items, seconds, first_later])
