@@ -82,11 +82,11 @@ def eval_command(ctx: click.Context, task: str, **kw: Any) -> None:
         evaluation = Evaluation(runner, loaded, systems, views, settings, log, kw["limit"])
         try:
             run(evaluation, ProgressLine())
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where a handler reports it (143)
             click.echo(
                 f"\n[interrupted: results so far are in {folder}; rerun to continue]", err=True
             )
-            ctx.exit(130)
+            ctx.exit(getattr(e, "status", 130))
         finally:
             log.close()
     item_ids = [it.id for it in evaluation.items]
