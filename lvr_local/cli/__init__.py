@@ -17,6 +17,7 @@ import click
 from lvr_local import __version__, interrupts
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
+from lvr_local.cli.eval import eval_command
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
 from lvr_local.cli.rpc import rpc_build, rpc_server
 from lvr_local.cli.serve import serve
@@ -57,8 +58,8 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
     set_verbose(verbose)
 
 
-_COMMANDS = (models, vocab, common, paths, settings, generate, chat, score, serve, bench, tui)
-for _command in (*_COMMANDS, rpc_server, rpc_build):
+_COMMANDS = (models, vocab, common, paths, settings, generate, chat, score, eval_command, serve)
+for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
     cli.add_command(_command)
 
 

@@ -1,0 +1,1 @@
+"""`lvr eval`: tasks, the systems compared, isolated code execution, the loop, results."""

@@ -1,0 +1,225 @@
+"""An evaluation's output folder: the per-item log, resumption, the summary, and the
+paired bootstrap.
+
+Every finished item is appended to `items.jsonl` at once (one JSON object per line,
+flushed), keyed by (system, view, item id). A rerun reads the log and skips the keys it
+holds, so Ctrl-C loses at most the item in progress. `run.json` records what the
+results depend on (task, data, models, decoding settings); a rerun whose settings
+differ is refused rather than mixed into the same table.
+
+Each record carries its metrics as (numerator, denominator) pairs, so every figure is a
+ratio of sums: accuracy is correct / items, bits per byte is bits / bytes. The paired
+bootstrap resamples items (the same draw for both systems) and recomputes the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lvr_local.errors import LvrError
+
+ITEMS = "items.jsonl"
+RUN = "run.json"
+SUMMARY = "summary.json"
+BOOTSTRAP_SAMPLES = 2000
+LOWER_IS_BETTER = {"bits_per_byte"}
+
+
+class ResultLog:
+    """The folder of one evaluation: what is done, and appending what gets done."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = folder
+        self.records: list[dict[str, Any]] = []
+        self.done: set[tuple[str, str, str]] = set()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LvrError(f"cannot create the output folder {folder}: {e.strerror or e}") from e
+        self._check_fingerprint(fingerprint)
+        self._read()
+        self._file = (folder / ITEMS).open("a", encoding="utf-8")
+
+    def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        path = self.folder / RUN
+        if path.exists():
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            differ = sorted(
+                k
+                for k in fingerprint.keys() | recorded.keys()
+                if fingerprint.get(k) != recorded.get(k)
+            )
+            if differ:
+                raise LvrError(
+                    f"{self.folder} holds results made with other settings (differs in: "
+                    f"{', '.join(differ)}): rerun with the same options, or another --output"
+                )
+        else:
+            path.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
+
+    def _read(self) -> None:
+        path = self.folder / ITEMS
+        if not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a hard kill: that item is redone
+            self.records.append(record)
+            self.done.add(key_of(record))
+
+    def has(self, system: str, view: str, item_id: str) -> bool:
+        return (system, view, item_id) in self.done
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.records.append(record)
+        self.done.add(key_of(record))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.folder / SUMMARY
+        path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+
+def key_of(record: dict[str, Any]) -> tuple[str, str, str]:
+    return record["system"], record["view"], record["id"]
+
+
+# ----------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`system` against `baseline` on one metric, over the items both have: the
+    difference of the ratios and its paired-bootstrap 95% interval."""
+
+    system: str
+    baseline: str
+    metric: str
+    n_items: int
+    difference: float
+    low: float
+    high: float
+
+
+def ratio(pairs: Iterable[Sequence[float]]) -> float:
+    num = den = 0.0
+    for n, d in pairs:
+        num, den = num + n, den + d
+    return num / den if den else math.nan
+
+
+def paired_bootstrap(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    seed: int,
+    samples: int = BOOTSTRAP_SAMPLES,
+) -> tuple[float, float, float]:
+    """ratio(a) - ratio(b) over paired items, and the 2.5 and 97.5 percentiles of that
+    difference over `samples` resamplings of the items (a seeded numpy Generator, so the
+    same seed gives the same interval)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired bootstrap needs the same, non-empty items on both sides")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    difference = ratio(x.tolist()) - ratio(y.tolist())
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(x), size=(samples, len(x)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rx = x[picks, 0].sum(1) / x[picks, 1].sum(1)
+        ry = y[picks, 0].sum(1) / y[picks, 1].sum(1)
+    low, high = np.nanpercentile(rx - ry, [2.5, 97.5])
+    return float(difference), float(low), float(high)
+
+
+def metric_pairs(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list]]:
+    """(system, metric) -> {item id: (numerator, denominator)}."""
+    table: dict[tuple[str, str], dict[str, list]] = {}
+    for record in records:
+        for metric, pair in record.get("metrics", {}).items():
+            table.setdefault((record["system"], metric), {})[record["id"]] = pair
+    return table
+
+
+def compare(
+    pairs: dict[tuple[str, str], dict[str, list]],
+    systems: Sequence[str],
+    members: Sequence[str],
+    seed: int,
+) -> list[Comparison]:
+    """Every non-member system against the best member, metric by metric."""
+    out: list[Comparison] = []
+    metrics = dict.fromkeys(m for _, m in pairs)
+    for metric in metrics:
+        scored = [m for m in members if (m, metric) in pairs and m in systems]
+        if not scored:
+            continue
+        sign = -1 if metric in LOWER_IS_BETTER else 1
+        best = max(scored, key=lambda m: sign * ratio(pairs[(m, metric)].values()))
+        for system in systems:
+            if system in members or (system, metric) not in pairs:
+                continue
+            ids = sorted(pairs[(system, metric)].keys() & pairs[(best, metric)].keys())
+            if not ids:
+                continue
+            a = [pairs[(system, metric)][i] for i in ids]
+            b = [pairs[(best, metric)][i] for i in ids]
+            diff, low, high = paired_bootstrap(a, b, seed)
+            out.append(Comparison(system, best, metric, len(ids), diff, low, high))
+    return out
+
+
+def summarize(
+    records: Iterable[dict[str, Any]],
+    systems: Sequence[str],
+    members: Sequence[str],
+    item_ids: Sequence[str],
+    seed: int,
+) -> dict[str, Any]:
+    """The summary of the records of these systems on these items: each system's
+    metrics, item counts, wall time and prompt tokens, and the comparisons against the
+    best member."""
+    wanted = set(item_ids)
+    kept = [r for r in records if r["system"] in systems and r["id"] in wanted]
+    pairs = metric_pairs(kept)
+    rows = {name: system_figures(name, kept, pairs) for name in systems}
+    comparisons = compare(pairs, systems, members, seed)
+    return {
+        "items": len(item_ids),
+        "systems": rows,
+        "comparisons": [vars(c) for c in comparisons],
+        "seed": seed,
+    }
+
+
+def system_figures(
+    name: str, records: Sequence[dict[str, Any]], pairs: dict[tuple[str, str], dict[str, list]]
+) -> dict[str, Any]:
+    """One row: metric values, items done per view, seconds per view, and the prompt
+    tokens evaluated per item: the first item a process evaluated (cold cache) against
+    the mean of the later ones."""
+    mine = [r for r in records if r["system"] == name]
+    views = sorted({r["view"] for r in mine})
+    cold = [r["prompt_tokens"] for r in mine if "prompt_tokens" in r and r.get("cold")]
+    warm = [r["prompt_tokens"] for r in mine if "prompt_tokens" in r and not r.get("cold")]
+    return {
+        "metrics": {m: ratio(p.values()) for (s, m), p in pairs.items() if s == name},
+        "items": {v: sum(r["view"] == v for r in mine) for v in views},
+        "seconds": {v: round(sum(r["seconds"] for r in mine if r["view"] == v), 1) for v in views},
+        "prompt_tokens": {
+            "first": float(np.mean(cold)) if cold else None,
+            "later": float(np.mean(warm)) if warm else None,
+        },
+    }
