@@ -20,8 +20,12 @@ def _log_softmax_valid(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return x - top - np.log(np.exp(x - top).sum())
 
 
-def brute_force_log_q(model: NextTokenModel, vocab: Vocabulary, text: bytes) -> float:
-    """log Q(text) after the model's current prompt, by enumerating the relative cover."""
+def brute_force_log_q(
+    model: NextTokenModel, vocab: Vocabulary, text: bytes, min_share: float = 0.0
+) -> float:
+    """log Q(text) after the model's current prompt, by enumerating the relative cover.
+    `min_share` > 0: a path below that fraction of the best finished term found so far
+    is not followed (for long real texts, where exhaustive enumeration explodes)."""
     strings = vocab.all_token_bytes
     valid = vocab.has_bytes | vocab.is_end
     by_bytes: dict[bytes, list[int]] = {}
@@ -38,6 +42,7 @@ def brute_force_log_q(model: NextTokenModel, vocab: Vocabulary, text: bytes) -> 
     frontier: list[tuple[tuple[int, ...], float, int]] = [((), 0.0, 0)]
     while frontier:
         rows = model.next_logits([prefix for prefix, _, _ in frontier])
+        floor = max(terms, default=-np.inf) + (np.log(min_share) if min_share else -np.inf)
         next_frontier = []
         for (prefix, log_p, pos), logits in zip(frontier, rows, strict=True):
             logp = _log_softmax_valid(np.asarray(logits), valid)
@@ -48,7 +53,9 @@ def brute_force_log_q(model: NextTokenModel, vocab: Vocabulary, text: bytes) -> 
             rest = text[pos:]
             for length in range(1, len(rest)):
                 for token in by_bytes.get(rest[:length], []):
-                    next_frontier.append(((*prefix, token), log_p + logp[token], pos + length))
+                    child = log_p + logp[token]
+                    if floor == -np.inf or child > floor:
+                        next_frontier.append(((*prefix, token), child, pos + length))
         frontier = next_frontier
     terms_arr = np.array(terms)
     top = terms_arr.max()

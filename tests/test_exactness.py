@@ -17,6 +17,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
+from brute_force import brute_force_log_q
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -278,33 +279,8 @@ def whole_string_log_q(
 ) -> float:
     """log Q(text) from `start`, over every tokenization of the whole string; paths below
     1e-9 of the best found so far are not followed (they cannot move the sum by 0.05)."""
-    strings = vocab.all_token_bytes
-    valid = vocab.has_bytes | vocab.is_end
-    by_bytes: dict[bytes, list[int]] = {}
-    for token, b in enumerate(strings):
-        if b is not None:
-            by_bytes.setdefault(b, []).append(token)
     backend.set_prompt(start)
-    terms: list[float] = []
-    frontier = [((), 0.0, 0)]
-    while frontier:
-        rows = backend.next_logits([p for p, _, _ in frontier])
-        best = max(terms, default=-np.inf)
-        nxt = []
-        for (prefix, log_p, pos), row in zip(frontier, rows, strict=True):
-            x = np.where(valid, row.astype(np.float64), -np.inf)
-            logp = x - x.max() - np.log(np.exp(x - x.max()).sum())
-            rest = text[pos:]
-            ends = [t for t, b in enumerate(strings) if b and b.startswith(rest)]
-            if ends:
-                terms.append(log_p + float(np.logaddexp.reduce(logp[ends])))
-            for n in range(1, len(rest)):
-                for token in by_bytes.get(rest[:n], []):
-                    child = log_p + logp[token]
-                    if best == -np.inf or child > best + math.log(1e-9):
-                        nxt.append(((*prefix, token), child, pos + n))
-        frontier = nxt
-    return float(np.logaddexp.reduce(terms))
+    return brute_force_log_q(backend, vocab, text, min_share=1e-9)
 
 
 MID_WORD = [  # (prompt, text): a URL, a code identifier, a CJK word, a word after punctuation

@@ -350,8 +350,8 @@ class ReducedState:
     ) -> None:
         """Keep the largest nodes this advance pruned as dormant records, and forget the
         records older than the window."""
-        kept_ids = {id(n) for n in kept[0]} | {id(n) for n in kept[1]}
-        dropped = [n for n in [*fresh, *pending] if id(n) not in kept_ids]
+        alive = {*kept[0], *kept[1]}  # nodes compare by identity
+        dropped = [n for n in [*fresh, *pending] if n not in alive]
         dropped.sort(key=lambda n: n.log_share, reverse=True)
         dropped = dropped[:DORMANT_PER_ADVANCE]
         self._dormant = [d for d in self._dormant if d.length > length - DORMANT_WINDOW]
