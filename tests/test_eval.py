@@ -194,8 +194,43 @@ def test_a_results_folder_refuses_other_settings_and_resumes(tmp_path: Path) -> 
         f.write('{"system": "mcv", "view": "ta')  # a line cut short by a hard kill
     again = ResultLog(tmp_path, {"seed": 0})
     assert again.has("mcv", "task", "7") and not again.has("mcv", "task", "8")
+    again.append({"system": "mcv", "view": "task", "id": "8", "metrics": {}})
+    again.close()
+    # The record after the cut line starts a line of its own, so it is not lost.
+    assert ResultLog(tmp_path, {"seed": 0}).has("mcv", "task", "8")
     with pytest.raises(LvrError, match="differs in: seed"):
         ResultLog(tmp_path, {"seed": 1})
+
+
+APPENDER = """
+import sys
+from pathlib import Path
+from lvr_local.evaluation.results import ResultLog
+log = ResultLog(Path(sys.argv[1]), {"seed": 0})
+for i in range(300):
+    log.append({"system": sys.argv[2], "view": "task", "id": str(i), "output": "x" * 20000})
+"""
+
+
+def test_processes_sharing_a_folder_lose_nothing_and_duplicates_count_once(
+    tmp_path: Path,
+) -> None:
+    """Two processes with different systems append 300 records of 20 KB each to one
+    folder at once (as `lvr eval --systems` split over cores does): every record reads
+    back whole. A key found twice is one record, the later."""
+    writers = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path), name])
+        for name in ("a", "b")
+    ]
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    log = ResultLog(tmp_path, {"seed": 0})
+    assert len(log.records) == 600
+    assert all(log.has(name, "task", str(i)) for name in "ab" for i in range(300))
+    log.append({"system": "a", "view": "task", "id": "0", "output": "again"})
+    log.close()
+    records = ResultLog(tmp_path, {"seed": 0}).records
+    assert len(records) == 600
+    assert [r["output"] for r in records if r["system"] == "a" and r["id"] == "0"] == ["again"]
 
 
 def test_systems_by_name() -> None:

@@ -7,6 +7,11 @@ holds, so Ctrl-C loses at most the item in progress. `run.json` records what the
 results depend on (task, data, models, decoding settings); a rerun whose settings
 differ is refused rather than mixed into the same table.
 
+Several processes may share a folder, each with its own `--systems` (one core each,
+say): reading the log and each append hold an exclusive `flock` on it, so no line is
+read half-written or interleaved, and a key found twice counts once (the later
+record). A rerun with every system then prints the whole table.
+
 Each record carries its metrics as (numerator, denominator) pairs, so every figure is a
 ratio of sums: accuracy is correct / items, bits per byte is bits / bytes. The paired
 bootstrap resamples items (the same draw for both systems) and recomputes the ratio.
@@ -14,12 +19,14 @@ bootstrap resamples items (the same draw for both systems) and recomputes the ra
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -37,15 +44,20 @@ class ResultLog:
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
         self.folder = folder
-        self.records: list[dict[str, Any]] = []
-        self.done: set[tuple[str, str, str]] = set()
+        self._records: dict[tuple[str, str, str], dict[str, Any]] = {}
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LvrError(f"cannot create the output folder {folder}: {e.strerror or e}") from e
         self._check_fingerprint(fingerprint)
-        self._read()
-        self._file = (folder / ITEMS).open("a", encoding="utf-8")
+        self._file = (folder / ITEMS).open("a+", encoding="utf-8")
+        with locked(self._file, fcntl.LOCK_EX):
+            self._read()
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, one per (system, view, item)."""
+        return list(self._records.values())
 
     def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         path = self.folder / RUN
@@ -65,25 +77,28 @@ class ResultLog:
             path.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
 
     def _read(self) -> None:
-        path = self.folder / ITEMS
-        if not path.exists():
-            return
-        for line in path.read_text(encoding="utf-8").splitlines():
+        """The records so far; a last line cut short by a hard kill is closed with a
+        newline, so that the next record starts a line of its own (that item is redone)."""
+        self._file.seek(0)
+        text = self._file.read()
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a hard kill: that item is redone
-            self.records.append(record)
-            self.done.add(key_of(record))
+                continue
+            self._records[key_of(record)] = record
+        if text and not text.endswith("\n"):
+            self._file.write("\n")
+            self._file.flush()
 
     def has(self, system: str, view: str, item_id: str) -> bool:
-        return (system, view, item_id) in self.done
+        return (system, view, item_id) in self._records
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        self.records.append(record)
-        self.done.add(key_of(record))
+        with locked(self._file, fcntl.LOCK_EX):
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        self._records[key_of(record)] = record
 
     def close(self) -> None:
         self._file.close()
@@ -96,6 +111,16 @@ class ResultLog:
 
 def key_of(record: dict[str, Any]) -> tuple[str, str, str]:
     return record["system"], record["view"], record["id"]
+
+
+@contextmanager
+def locked(file: IO[str], how: int) -> Iterator[None]:
+    """Hold an flock on `file` (another process appending to the same log waits)."""
+    fcntl.flock(file.fileno(), how)
+    try:
+        yield
+    finally:
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------- figures
