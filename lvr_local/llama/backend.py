@@ -21,11 +21,11 @@ import numpy as np
 
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.errors import LvrError
+from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.llama.native import (
     LlamaBatch,
     LlamaContext,
     LlamaModel,
-    check_gguf_file,
     ensure_backend,
     recent_errors,
 )
@@ -110,7 +110,7 @@ class LlamaBackend:
         devices: Sequence[int] = (),
     ) -> None:
         path = Path(path)
-        check_gguf_file(path)
+        check_gguf(path)
         if not devices:  # explicit devices (RPC servers) need no GPU in this build
             check_gpu_request(n_gpu_layers)
         _check_sizes(n_ctx, n_batch, n_seq_max)

@@ -26,7 +26,6 @@ from lvr_local.errors import LvrError, ModelFileError
 from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.paths import log_file
 
-GGUF_MAGIC = b"GGUF"
 LOG_ROTATE_BYTES = 8 * 2**20  # llama.log is moved to llama.log.1 beyond this size
 _recent_log: collections.deque[str] = collections.deque(maxlen=40)
 _backend_ready = False
@@ -98,23 +97,6 @@ def recent_errors(limit: int = 3) -> str:
     return "; ".join((picked or lines)[-limit:])
 
 
-def check_gguf_file(path: Path) -> None:
-    """Fail early, with a clear message, on a path that cannot be a GGUF model."""
-    if not path.exists():
-        raise ModelFileError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelFileError(f"model path is not a file: {path}")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelFileError(f"cannot read model file {path}: {e.strerror}") from e
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')"
-        )
-
-
 class LlamaModel:
     """Owns one `llama_model*`. `vocab_only=True` reads metadata and vocabulary, no weights."""
 
@@ -129,7 +111,6 @@ class LlamaModel:
         """`devices`: llama.cpp devices (ggml_backend_dev_t) to offload the
         n_gpu_layers to, instead of every device the build has (the RPC servers)."""
         path = Path(path)
-        check_gguf_file(path)
         check_gguf(path)  # what llama.cpp would abort on, reported as an error instead
         ensure_backend()
         params = L.llama_model_default_params()
