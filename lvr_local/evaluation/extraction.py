@@ -46,11 +46,11 @@ def normalise_number(text: str) -> str | None:
 def extract_number(output: str) -> str | None:
     """The answer a generated text gives, normalised (see the module docstring)."""
     _, marker, tail = output.rpartition("####")
-    if marker and normalise_number(tail) is not None:
-        return normalise_number(tail)
+    if marker and (number := normalise_number(tail)) is not None:
+        return number
     parts = ANSWER_IS.split(output)
-    if len(parts) > 1 and normalise_number(parts[-1]) is not None:
-        return normalise_number(parts[-1])
+    if len(parts) > 1 and (number := normalise_number(parts[-1])) is not None:
+        return number
     numbers = NUMBER.findall(output)
     return normalise_number(numbers[-1]) if numbers else None
 

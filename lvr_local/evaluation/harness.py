@@ -32,10 +32,10 @@ from lvr_local.evaluation.systems import System, generate, loglikelihood
 from lvr_local.evaluation.tasks import (
     Item,
     Task,
+    choice_text,
     item_prompt,
     label_index,
     reference_text,
-    render,
 )
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import RunSettings
@@ -156,7 +156,7 @@ def choice_record(
     spec = evaluation.task.spec
     choices: list[str] = item.fields[spec.choices_field]
     answer = label_index(item.fields[spec.label_field], choices)
-    texts = [render(spec.choice_template, {**item.fields, "choice": c}) for c in choices]
+    texts = [choice_text(spec, item, c) for c in choices]
     logps = [
         loglikelihood(evaluation.runner, system, prompt, t, evaluation.settings) for t in texts
     ]

@@ -170,13 +170,3 @@ def _outcome(code: int, err: str, seconds: float) -> Outcome:
     if code < 0:
         return Outcome(False, "killed", seconds, detail or f"signal {-code}")
     return Outcome(False, "failed", seconds, detail)
-
-
-def limits_description() -> dict[str, object]:
-    """What isolates the programs, for the run's summary."""
-    return {
-        "network": network_isolation(),
-        "memory_bytes": DEFAULT_MEMORY,
-        "file_size_bytes": DEFAULT_FILE_SIZE,
-        "rlimits": ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC"],
-    }

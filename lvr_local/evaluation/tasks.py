@@ -111,7 +111,7 @@ def template_fields(template: str) -> list[str]:
 
 
 def render(template: str, values: dict[str, Any]) -> str:
-    return template.format_map({k: v for k, v in values.items()})
+    return template.format_map(values)
 
 
 # ----------------------------------------------------------------- specs
@@ -216,18 +216,19 @@ def _check_spec(spec: TaskSpec, where: str) -> None:
 # ----------------------------------------------------------------- items
 
 
-def load_items(path: Path, spec: TaskSpec) -> list[Item]:
-    """Every line of a JSONL file as an item, each checked against the spec."""
+def read_lines(path: Path) -> list[str]:
+    """The lines of a JSONL task file (read once: parsed, and hashed for the run's
+    fingerprint)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise TaskError(f"cannot read task data {path}: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise TaskError(f"{path.name}: not UTF-8 text: {e}") from e
-    return parse_items(text.splitlines(), spec, path.name)
 
 
 def parse_items(lines: list[str], spec: TaskSpec, where: str) -> list[Item]:
+    """Every line as an item, each checked against the spec."""
     items: list[Item] = []
     seen: set[str] = set()
     for number, line in enumerate(lines, 1):
@@ -333,10 +334,9 @@ def load_task(ref: str, data: Path | None = None) -> Task:
         raise TaskError(
             f"task '{spec.name}' names no data file: add data = \"FILE.jsonl\" or --data"
         )
-    items = load_items(source, spec)
-    return Task(
-        spec, tuple(items), source.name, _digest(source.read_text(encoding="utf-8").splitlines())
-    )
+    lines = read_lines(source)
+    items = parse_items(lines, spec, source.name)
+    return Task(spec, tuple(items), source.name, _digest(lines))
 
 
 def _digest(lines: list[str]) -> str:
@@ -364,6 +364,10 @@ def reference_text(spec: TaskSpec, item: Item) -> str:
     the target template, or for a choice task the correct choice."""
     if spec.kind == "choice":
         choices = item.fields[spec.choices_field]
-        choice = choices[label_index(item.fields[spec.label_field], choices)]
-        return render(spec.choice_template, {**item.fields, "choice": choice})
+        return choice_text(spec, item, choices[label_index(item.fields[spec.label_field], choices)])
     return render(spec.target, item.fields)
+
+
+def choice_text(spec: TaskSpec, item: Item, choice: str) -> str:
+    """How `choice` continues the item's prompt (the spec's choice_template)."""
+    return render(spec.choice_template, {**item.fields, "choice": choice})
