@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lvr_tui.app import LvrApp
 from lvr_tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
-from lvr_tui.transcript import conversations_dir, read_conversation
+from lvr_tui.transcript import ConversationLog, conversations_dir, read_conversation
 from lvr_tui.widgets import AssistantMessage, AttributionView, ModelCard, PromptBox, UserMessage
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, Markdown, OptionList, Select
@@ -286,6 +286,12 @@ def test_a_torn_transcript_keeps_the_partial_reply(tmp_path: Path) -> None:
     convo = read_conversation(path)
     assert [(m.role, m.content) for m in convo.messages] == [("user", "hi"), ("assistant", "Hello")]
     assert convo.messages[1].pieces[1].dominant == 1
+    # Reopened and continued: the next record does not join the torn line.
+    log = ConversationLog(path)
+    log.message("user", "again")
+    log.close()
+    again = read_conversation(path)
+    assert [m.content for m in again.messages if m.role == "user"] == ["hi", "again"]
 
 
 async def test_a_bad_config_is_a_notification_not_a_crash(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from typing import IO, Any
 import numpy as np
 
 from lvr_local.errors import LvrError
+from lvr_local.strict_json import end_torn_line
 
 ITEMS = "items.jsonl"
 RUN = "run.json"
@@ -77,19 +78,16 @@ class ResultLog:
             path.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
 
     def _read(self) -> None:
-        """The records so far; a last line cut short by a hard kill is closed with a
-        newline, so that the next record starts a line of its own (that item is redone)."""
+        """The records so far; a last line cut short by a hard kill is skipped (that item
+        is redone) and ended, so that the next record starts a line of its own."""
         self._file.seek(0)
-        text = self._file.read()
-        for line in text.splitlines():
+        for line in self._file.read().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
             self._records[key_of(record)] = record
-        if text and not text.endswith("\n"):
-            self._file.write("\n")
-            self._file.flush()
+        end_torn_line(self._file)
 
     def has(self, system: str, view: str, item_id: str) -> bool:
         return (system, view, item_id) in self._records

@@ -70,9 +70,10 @@ class ConversationLog:
     def append(self, record: dict[str, Any]) -> None:
         if self._file is None:
             fresh = not self.path.exists()
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self.path.open("a+", encoding="utf-8")  # readable: see end_torn_line
             if fresh and self._header is not None:
                 self._write(self._header)
+            strict_json.end_torn_line(self._file)  # a reopened file torn by a crash
         self._write(record)
 
     def message(self, role: str, content: str, **extra: Any) -> None:
