@@ -106,7 +106,8 @@ model_options = _options(
             type=float,
             help="Weight of each model, in -m order (negative allowed with product).",
         ),
-        click.option("--sub-vocab", help="mcv | bytes | maxlen:K (default from models.toml)."),
+        click.option("--sub-vocab", help="auto | mcv | bytes | maxlen:K (default from models.toml; auto: bytes for "
+            "an ensemble, one model's own vocabulary alone)."),
         click.option(
             "--method",
             type=click.Choice(METHODS),
@@ -135,6 +136,12 @@ model_options = _options(
             "--prune",
             type=float,
             help="Generation: drop tokenization branches below this share of the total.",
+        ),
+        click.option(
+            "--fresh-prune",
+            type=float,
+            help="Generation: drop a new branch (one that needs a forward pass) below this "
+            "share of the total.",
         ),
         click.option(
             "--text-prune",
@@ -202,6 +209,7 @@ SETTING_FLAGS = (
     "calibrate",
     "switch_rate",
     "prune",
+    "fresh_prune",
     "text_prune",
     "max_branches",
     "token_top_k",

@@ -47,6 +47,8 @@ DEFAULT_PRUNE = 1e-4
 # Known text (scoring, forced prompt tails): a branch of tiny share now can carry much of
 # the text later (measured: 1e-4 lost 0.9 nats on 100 bytes of English, 1e-8 0.003).
 DEFAULT_TEXT_PRUNE = 1e-8
+# Generation: a fresh node (a forward pass) must carry this share of Q(u) to be kept.
+DEFAULT_FRESH_PRUNE = 1e-2
 DEFAULT_MAX_BRANCHES = 16
 # How many advances back a pruned branch can still be revived, and how many pruned nodes
 # of one advance are kept for it (the largest shares).
@@ -98,19 +100,27 @@ class EngineOptions:
     "float32" (~1e-7 relative, the default) or "float64" (see node_scoring.py).
     `max_branches`: keep at most this many alive nodes (tokenization branches), the
     largest shares (None or 0: no cap);
-    what it drops is counted in the pruned mass like what `prune` drops."""
+    what it drops is counted in the pruned mass like what `prune` drops.
+    `fresh_prune`: in generation, the threshold for a *fresh* node, the one kind that
+    costs a forward pass (None: `prune`). Over bytes a token ends at nearly every byte
+    of some tokenization, and most of those fresh nodes carry a tiny share; a higher
+    threshold for them alone halves the forward passes while pending nodes, which cost
+    only numpy, keep `prune` (docs/algorithm.md §7.4)."""
 
     prune: float = DEFAULT_PRUNE
     text_prune: float = DEFAULT_TEXT_PRUNE
     token_top_k: int | None = None
     precision: str = "float32"
     max_branches: int | None = DEFAULT_MAX_BRANCHES
+    fresh_prune: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune < 1.0:
             raise LvrError(f"prune must be in [0, 1), got {self.prune}")
         if not 0.0 <= self.text_prune < 1.0:
             raise LvrError(f"text_prune must be in [0, 1), got {self.text_prune}")
+        if self.fresh_prune is not None and not 0.0 <= self.fresh_prune < 1.0:
+            raise LvrError(f"fresh_prune must be in [0, 1), got {self.fresh_prune}")
         if self.token_top_k is not None and self.token_top_k < 0:
             raise LvrError(f"token_top_k must be >= 0 (0 = off), got {self.token_top_k}")
         if self.max_branches is not None and self.max_branches < 0:
@@ -296,21 +306,26 @@ class ReducedState:
     def _prune_by_share(
         self, fresh: list[FreshNode], pending: list[PendingNode], total: float
     ) -> tuple[list[FreshNode], list[PendingNode]]:
-        """Drop nodes whose share of Q is below the threshold, then all but the largest
-        `max_branches` shares."""
-        floor = total + math.log(self.options.prune) if self.options.prune > 0.0 else NEG_INF
-        cap = self.options.max_branches
+        """Drop nodes whose share of Q is below the threshold (`fresh_prune` for fresh
+        nodes, which cost a forward pass; `prune` for pending ones), then all but the
+        largest `max_branches` shares."""
+        options = self.options
+        floor = _log_floor(total, options.prune)
+        fresh_floor = floor if options.fresh_prune is None else _log_floor(total, options.fresh_prune)
+        cap = options.max_branches
         if cap and len(fresh) + len(pending) > cap:
             # Alternative tokenizations that split early keep their relative share for
             # ever, so without a cap their number (and forward passes) grows with the text.
             shares = [n.log_share for n in fresh] + [n.log_share for n in pending]
             floor = max(floor, sorted(shares, reverse=True)[cap - 1])
-        if floor == NEG_INF:
+            fresh_floor = max(fresh_floor, floor)
+        if floor == NEG_INF and fresh_floor == NEG_INF:
             return fresh, pending
-        return (
-            [n for n in fresh if n.log_share >= floor],
-            [n for n in pending if n.log_share >= floor],
-        )
+        kept_fresh = [n for n in fresh if n.log_share >= fresh_floor]
+        kept_pending = [n for n in pending if n.log_share >= floor]
+        if not kept_fresh and not kept_pending:  # many small fresh nodes: keep the largest
+            kept_fresh = [max(fresh, key=lambda n: n.log_share)]
+        return kept_fresh, kept_pending
 
     def _prune_for_text(
         self, fresh: list[FreshNode], pending: list[PendingNode], ahead: np.ndarray
@@ -542,6 +557,11 @@ def _extend(
         for v, lp in zip(tokens.tolist(), logp.tolist(), strict=True)
         if lp > NEG_INF
     ]
+
+
+def _log_floor(log_total: float, fraction: float) -> float:
+    """log(fraction * total); -inf (keep everything) for a fraction of 0."""
+    return log_total + math.log(fraction) if fraction > 0.0 else NEG_INF
 
 
 def _log1mexp(x: float) -> float:

@@ -158,7 +158,13 @@ def common_report(vocabs: Sequence[Vocabulary]) -> dict[str, object]:
 
 
 def parse_spec(spec: str, vocabs: Sequence[Vocabulary]) -> SubVocabulary:
-    """Parse a user's `--sub-vocab` value: mcv | bytes | maxlen:K."""
+    """Parse a user's `--sub-vocab` value: auto | mcv | bytes | maxlen:K.
+
+    `auto`, the default: bytes for an ensemble, where a text has one spelling and every
+    member is conditioned on the text itself (docs/algorithm.md §7.4); one model alone
+    over its own vocabulary (the MCV of one), where its pieces are its tokens."""
+    if spec == "auto":
+        return common(vocabs) if len(vocabs) == 1 else byte_level()
     if spec == "mcv":
         return common(vocabs)
     if spec == "bytes":
@@ -171,4 +177,4 @@ def parse_spec(spec: str, vocabs: Sequence[Vocabulary]) -> SubVocabulary:
                 f"bad sub-vocabulary '{spec}': expected maxlen:K with K an integer"
             ) from None
         return max_length(vocabs, k)
-    raise LvrError(f"unknown sub-vocabulary '{spec}': expected mcv, bytes or maxlen:K")
+    raise LvrError(f"unknown sub-vocabulary '{spec}': expected auto, mcv, bytes or maxlen:K")

@@ -85,7 +85,7 @@ class Ensemble:
         self,
         members: Sequence[Member],
         *,
-        sub_vocab: str = "mcv",
+        sub_vocab: str = "auto",
         method: str = "lossless",
         mixing: Mixing | None = None,
         options: EngineOptions | None = None,
@@ -100,6 +100,8 @@ class Ensemble:
         self.method = method
         self.options = options or EngineOptions()
         self.scheduler = scheduler or CoreScheduler()
+        if sub_vocab == "auto" and method == "naive":
+            sub_vocab = "mcv"  # the naive restriction is defined over the common vocabulary
         self.sub = parse_spec(sub_vocab, [m.vocab for m in self.members])
         self.tables = [decomposition_tables(m.vocab, self.sub) for m in self.members]
         self._byte_phase = BytePhase(self.members)

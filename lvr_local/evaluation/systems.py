@@ -53,6 +53,8 @@ class System:
         changed = {"method": self.method}
         if self.sub_vocab is not None:
             changed["sub_vocab"] = self.sub_vocab
+        elif self.is_member and base.sub_vocab == "auto":
+            changed["sub_vocab"] = "mcv"  # what `auto` gives one model alone: its own tokens
         if self.combine is not None:
             changed["combine"] = self.combine
         return replace(base, **changed)

@@ -22,6 +22,7 @@ from typing import Any
 
 from lvr_local.core.combine import RULES, Mixing
 from lvr_local.core.reduction import (
+    DEFAULT_FRESH_PRUNE,
     DEFAULT_MAX_BRANCHES,
     DEFAULT_PRUNE,
     DEFAULT_TEXT_PRUNE,
@@ -35,7 +36,7 @@ from lvr_local.errors import ConfigError
 from lvr_local.llama.rpc import is_endpoint
 
 NUMERICS = ("auto", "exact", "fast")
-SUB_VOCAB_PATTERN = re.compile(r"^(mcv|bytes|maxlen:[1-9][0-9]*)$")
+SUB_VOCAB_PATTERN = re.compile(r"^(auto|mcv|bytes|maxlen:[1-9][0-9]*)$")
 MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs more
 
 
@@ -74,7 +75,8 @@ class RunSettings:
     this machine), numerics (auto: exact for scoring, fast for generation;
     docs/algorithm.md §8). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
-    (generation), text_prune (known text: scoring, forced prompt tails), max_branches,
+    (generation), fresh_prune (generation, new branches: they cost a forward pass),
+    text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
     Repetition (llama.cpp's names): repeat_penalty, repeat_last_n, presence_penalty,
     frequency_penalty, dry_*. Budgets: max_pieces, max_bytes, stop. None: the mode's
@@ -85,12 +87,13 @@ class RunSettings:
     n_threads: int = 0
     rpc: tuple[str, ...] = ()
     numerics: str = "auto"
-    sub_vocab: str = "mcv"
+    sub_vocab: str = "auto"
     method: str = "lossless"
     combine: str | None = None
     calibrate: bool = Mixing.calibrate
     switch_rate: float = Mixing.switch_rate
     prune: float = DEFAULT_PRUNE
+    fresh_prune: float = DEFAULT_FRESH_PRUNE
     text_prune: float = DEFAULT_TEXT_PRUNE
     max_branches: int = DEFAULT_MAX_BRANCHES
     token_top_k: int = 0
@@ -108,7 +111,8 @@ class RunSettings:
     dry_allowed_length: int = _REPETITION.dry_allowed_length
     dry_penalty_last_n: int = _REPETITION.dry_penalty_last_n
     dry_sequence_breakers: tuple[str, ...] = _REPETITION.dry_sequence_breakers
-    max_pieces: int = 256
+    # Over bytes (the default ensemble) a piece is a byte: 1024 is about 256 tokens of text.
+    max_pieces: int = 1024
     max_bytes: int | None = None
     stop: tuple[str, ...] = ()
 
@@ -133,6 +137,7 @@ class RunSettings:
         return EngineOptions(
             prune=self.prune,
             text_prune=self.text_prune,
+            fresh_prune=self.fresh_prune,
             token_top_k=self.token_top_k or None,
             max_branches=self.max_branches or None,
         )
@@ -166,6 +171,7 @@ class RunSettings:
             self.sub_vocab,
             self.method,
             self.prune,
+            self.fresh_prune,
             self.text_prune,
             self.max_branches,
             self.token_top_k,
@@ -216,12 +222,13 @@ SCHEMA: dict[str, Check] = {
     ),
     "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
-    "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
+    "sub_vocab": ((str,), "one of auto, mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
     "calibrate": ((bool,), "true or false", None),
     "switch_rate": ((int, float), "a number in [0, 1) (0 = plain bayes)", lambda v: 0 <= v < 1),
     "prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "fresh_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "text_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "max_branches": ((int,), "an integer >= 0 (0 = no cap)", lambda v: v >= 0),
     "token_top_k": ((int,), "an integer >= 0 (0 = every token)", lambda v: v >= 0),

@@ -50,7 +50,7 @@ class EnsembleFields(Strict):
         None, description="Member weights, in /v1/models order or by member name."
     )
     combine: str | None = Field(None, description="mean | product | max")
-    sub_vocab: str | None = Field(None, description="mcv | bytes | maxlen:K")
+    sub_vocab: str | None = Field(None, description="auto | mcv | bytes | maxlen:K")
     method: str | None = Field(None, description="lossless | naive")
     prune: float | None = None
     max_branches: int | None = None

@@ -1,0 +1,111 @@
+"""The default ensemble conditions every member on the text: the rule applied per byte.
+
+Over the byte sub-vocabulary a text has one spelling, and each member's next-byte
+distribution is the ratio of its brute-force sums over every tokenization of the text
+(docs/algorithm.md §2, §7.4). So the ensemble's probability of every short text, END
+included, must be the documented rule applied byte by byte to those ratios, whatever
+the members' tokenizers make of the text. Checked here on two synthetic models whose
+vocabularies cut the same text differently, on the generation path (no text ahead).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from synthetic_lm import text_prob
+from test_byte_phase import PROMPT, make_members
+
+from lvr_local.core.combine import Mixing
+from lvr_local.core.reduction import EngineOptions
+from lvr_local.decoding.ensemble import Ensemble
+from lvr_local.decoding.scheduling import CoreScheduler
+
+# Nothing pruned: the claim is exactness, pruning's own bound is tested elsewhere.
+EXACT = EngineOptions(prune=0.0, fresh_prune=0.0, max_branches=0, precision="float64")
+ALPHABET = b"ab ."
+
+
+def brute_next(members, heads, tails, text: bytes) -> np.ndarray:
+    """(members, len(ALPHABET) + 1): each member's brute-force q(b | prompt tail + text)
+    for every byte of ALPHABET, then END."""
+    rows = []
+    for m, head, tail in zip(members, heads, tails, strict=True):
+        lm = m.backend.lm
+        before = text_prob(lm, tail + text, start=head)
+        after = [text_prob(lm, tail + text + bytes([b]), start=head) for b in ALPHABET]
+        end = text_prob(lm, tail + text, ended=True, start=head)
+        rows.append(np.log(np.array([*after, end]) / before))
+    return np.array(rows)
+
+
+def documented_rule(logq: np.ndarray, weights: list[float], rule: str) -> np.ndarray:
+    """docs/algorithm.md §7, written out in probabilities: mean sum_i w_i q_i / sum w;
+    product prod_i q_i^(w_i / sum w) renormalised; max max_i w_i q_i renormalised."""
+    q, w = np.exp(logq), np.asarray(weights) / sum(weights)
+    if rule == "mean":
+        p = w @ q
+    elif rule == "product":
+        p = np.prod(q ** w[:, None], axis=0)
+    else:
+        p = np.max(q * w[:, None], axis=0)
+    return np.log(p / p.sum())
+
+
+def prompt_split(member) -> tuple[tuple[int, ...], bytes]:
+    """The prompt's head tokens as the backend evaluated them, and its held-back tail."""
+    head = member.backend.prompt
+    spelled = b"".join(member.vocab.token_bytes(v) or b"" for v in head)
+    return head, PROMPT[len(spelled) :] if PROMPT.startswith(spelled) else PROMPT
+
+
+@pytest.mark.parametrize(
+    ("rule", "weights"),
+    [("mean", [1.0, 1.0]), ("mean", [3.0, 1.0]), ("product", [1.0, 1.0]), ("max", [1.0, 2.0])],
+)
+def test_every_short_text_has_the_probability_of_the_rule_applied_per_byte(
+    rule: str, weights: list[float]
+) -> None:
+    members = make_members()
+    for m, w in zip(members, weights, strict=True):
+        m.weight = w
+    mixing = Mixing(rule)
+    ensemble = Ensemble(
+        members,
+        sub_vocab="bytes",
+        mixing=mixing,
+        options=EXACT,
+        scheduler=CoreScheduler(concurrent=False),
+    )
+    checked = 0
+    try:
+        for length in range(4):
+            for text in map(bytes, itertools.product(ALPHABET, repeat=length)):
+                ensemble.start_raw(PROMPT)
+                heads, tails = zip(*(prompt_split(m) for m in members), strict=True)
+                engine_logp, brute_logp = 0.0, 0.0
+                for i, value in enumerate(text):
+                    brute = documented_rule(brute_next(members, heads, tails, text[:i]), weights, rule)
+                    piece = ensemble.piece_id(bytes([value]))
+                    event = ensemble.force(piece, i)  # no text ahead: as generation sees it
+                    engine_logp += event.logprob
+                    brute_logp += brute[ALPHABET.index(value)]
+                end = documented_rule(brute_next(members, heads, tails, text), weights, rule)[-1]
+                engine_end = ensemble.combined(ensemble.distributions())[ensemble.end_id]
+                total, expected = engine_logp + engine_end, brute_logp + end
+                assert math.isfinite(expected)
+                assert total == pytest.approx(expected, abs=1e-9), text
+                checked += 1
+    finally:
+        ensemble.close()
+    assert checked == sum(len(ALPHABET) ** n for n in range(4))
+
+
+def test_the_members_cut_the_checked_texts_differently() -> None:
+    """The check above means something only where the vocabularies disagree: some
+    text of the alphabet is a single token of one member and not of the other."""
+    c, d = (set(filter(None, m.vocab.all_token_bytes)) for m in make_members())
+    short = {t for t in c ^ d if len(t) > 1 and set(t) <= set(ALPHABET)}
+    assert short, "the two synthetic vocabularies would spell every text alike"
