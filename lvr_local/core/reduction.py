@@ -38,7 +38,7 @@ import numpy as np
 from lvr_local.core.decompose import DecompositionTables
 from lvr_local.core.lm import NextTokenModel, TokenPrefix
 from lvr_local.core.node_scoring import PRECISIONS, NodeScorer, Scored
-from lvr_local.errors import LvrError
+from lvr_local.errors import InternalError, LvrError
 
 NEG_INF = float("-inf")
 # exp(x) for x below about -745 underflows to 0 in float64.
@@ -227,7 +227,7 @@ class ReducedState:
         """The aligned nodes, for a new state over another sub-vocabulary to start from.
         Only when synchronised; this state is left empty and releases nothing of them."""
         if not self.synchronised:
-            raise LvrError("a state can only be handed over when synchronised")
+            raise InternalError("a state can only be handed over when synchronised")
         self._flush_releases()
         nodes = [(f.prefix, f.log_p) for f in self._fresh]
         self._fresh, self._dormant = [], []
@@ -408,7 +408,7 @@ class ReducedState:
             return
         rows = self.model.next_logits([f.prefix for f in todo])
         if len(rows) != len(todo):
-            raise LvrError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
+            raise InternalError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
         for node, row in zip(todo, rows, strict=True):
             node.scored = self.scorer.score(row)
             node.asked = True

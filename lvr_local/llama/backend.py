@@ -20,7 +20,7 @@ import llama_cpp as L
 import numpy as np
 
 from lvr_local.core.lm import TokenPrefix
-from lvr_local.errors import LvrError
+from lvr_local.errors import InternalError, LvrError
 from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.llama.native import (
     LlamaBatch,
@@ -379,7 +379,7 @@ class LlamaBackend:
     def _check_ready(self) -> None:
         self._check_open()
         if not self._prompt:
-            raise LvrError("set_prompt must be called before next_logits")
+            raise InternalError("set_prompt must be called before next_logits")
 
     def _check_prompt(self, tokens: list[int]) -> None:
         if not tokens:
