@@ -90,18 +90,6 @@ def test_completion_options() -> None:
     assert refused(CompletionRequest(prompt="a", best_of=2)).param == "best_of"
 
 
-def test_stream_text_holds_back_what_could_begin_a_stop_string() -> None:
-    text = StreamText(["\n\nUser:"])
-    sent = [text.add(b"Hi"), text.add(b"!\n"), text.add(b"\nUs"), text.add(b"e")]
-    assert sent == ["Hi", "!", "", ""]  # "\n\nUse" could still become the stop string
-    assert text.add(b"d it") == "\n\nUsed it"  # it did not
-    # The loop yields "Bye\n", "\nUser", then sees the stop string complete and says the
-    # text ends at byte 3: what was held back is never sent.
-    stopped = StreamText(["\n\nUser:"])
-    assert stopped.add(b"Bye\n") == "Bye" and stopped.add(b"\nUser") == ""
-    assert stopped.finish(3) == ""
-
-
 def test_stream_text_sends_whole_characters() -> None:
     text = StreamText()
     euro = "€".encode()

@@ -43,7 +43,6 @@ class Echo:
 @dataclass(frozen=True)
 class Finished:
     stop_reason: str
-    kept_bytes: int  # where the text ends (a stop string is cut off)
     record: dict[str, Any]
 
 
@@ -98,4 +97,4 @@ def run_items(runner: Runner, run: Run) -> Iterator[Any]:
     yield Started(max(len(b.prompt) for b in taking_part))
     for chunk in run:
         yield Piece(chunk.event)
-    yield Finished(run.stats.stop_reason, run.stats.bytes, run.record())
+    yield Finished(run.stats.stop_reason, run.record())
