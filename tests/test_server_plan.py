@@ -56,7 +56,7 @@ def test_openai_names_become_run_settings() -> None:
         ({"n": 2}, "n", "must be 1"),
         ({"logit_bias": {"42": 1.0}}, "logit_bias", "no common token ids"),
         ({"top_logprobs": 3}, "top_logprobs", "needs 'logprobs'"),
-        ({"weights": [1.0]}, "weights", "1 values for 2 members"),
+        ({"weights": [1.0]}, "weights", "1 'weights' values for 2 models"),
         ({"weights": {"llama": 1.0}}, "weights", "'llama', not a member"),
         ({"model": "gpt-4"}, "model", "does not exist"),
     ],

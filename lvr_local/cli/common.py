@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -20,7 +19,7 @@ from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
-from lvr_local.runner.config import Config, ModelSpec, load_config
+from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import NUMERICS, RunSettings, with_overrides
 
@@ -72,11 +71,7 @@ def model_specs(
     if not specs:
         raise LvrError(f"no model to run: {config.path} enables none and no -m was given")
     if weights:
-        if len(weights) != len(specs):
-            raise LvrError(f"{len(weights)} --weight values for {len(specs)} models")
-        bad = [w for w in weights if not math.isfinite(w)]
-        if bad:
-            raise LvrError(f"--weight must be a finite number, got {bad[0]}")
+        check_weights(weights, len(specs), "--weight")
         specs = [replace(s, weight=w) for s, w in zip(specs, weights, strict=True)]
     return specs
 

@@ -19,7 +19,6 @@ generation.py's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -127,11 +126,8 @@ class Ensemble:
         return [m.weight for m in self.members]
 
     def set_weights(self, weights: Sequence[float]) -> None:
-        if len(weights) != len(self.members):
-            raise LvrError(f"expected {len(self.members)} weights, got {len(weights)}")
-        bad = [w for w in weights if not math.isfinite(w)]
-        if bad:  # NaN would silently act as 0, an infinity as everything
-            raise LvrError(f"a weight must be a finite number, got {bad[0]}")
+        """One weight per member, checked by the runner (runner/config.py, check_weights):
+        NaN would silently act as 0, an infinity as everything."""
         for m, w in zip(self.members, weights, strict=True):
             m.weight = float(w)
 
