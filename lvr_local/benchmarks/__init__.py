@@ -10,6 +10,9 @@ the engine's common case) against plain llama-cpp-python, for both bundled model
 ensemble: `lvr bench` (lvr_local/bench.py) for the bundled pair: native speeds, ensembles
 over the common vocabulary and bytes.
 
+precision: `lvr score` against an independent float64 oracle (oracle.py), per
+`precision` and with text pruning off.
+
 prune: what the pruning threshold costs (forward-pass rows per byte) and changes.
 
 scoring: scoring speed on the exact numeric path against the fast one.

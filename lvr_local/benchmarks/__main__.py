@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from lvr_local.bench import measure, print_report
-from lvr_local.benchmarks import backend, chat, engine, prune, rpc, scoring, serve
+from lvr_local.benchmarks import backend, chat, engine, precision, prune, rpc, scoring, serve
 from lvr_local.benchmarks.common import BUNDLED
 
 
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
     "engine": engine.engine,
     "backend": backend.backend,
     "ensemble": ensemble,
+    "precision": precision.precision,
     "prune": prune.prune,
     "serve": serve.serve,
     "rpc": rpc.rpc,

@@ -21,7 +21,7 @@ from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
-from lvr_local.runner.settings import NUMERICS, RunSettings, with_overrides
+from lvr_local.runner.settings import NUMERICS, PRECISIONS, RunSettings, with_overrides
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -150,6 +150,12 @@ model_options = _options(
             "generation).",
         ),
         click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            help="The engine's exp over each model's vocabulary: float32 (the default, "
+            "faster) or float64 (the last ~1e-7 nats of a score).",
+        ),
+        click.option(
             "--token-top-k",
             type=int,
             help="K-LVR: keep only the K most likely tokens of each branch (0 = all).",
@@ -191,6 +197,7 @@ sampling_options = _options(
 # Flags that are run settings, by their settings name (click's parameter names).
 SETTING_FLAGS = (
     "numerics",
+    "precision",
     "sub_vocab",
     "method",
     "combine",

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lvr_local.core.combine import RULES, Mixing
+from lvr_local.core.node_scoring import PRECISIONS
 from lvr_local.core.reduction import (
     DEFAULT_MAX_BRANCHES,
     DEFAULT_PRUNE,
@@ -72,7 +73,8 @@ class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, rpc (the
     llama.cpp RPC servers, "host:port", that hold the models' offloaded layers; empty:
     this machine), numerics (auto: exact for scoring, fast for generation;
-    docs/algorithm.md §8). Reduction
+    docs/algorithm.md §8), precision (of the engine's full-vocabulary exp: float32, or
+    float64 for the last ~1e-7 nats; README, "Exactness"). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
@@ -85,6 +87,7 @@ class RunSettings:
     n_threads: int = 0
     rpc: tuple[str, ...] = ()
     numerics: str = "auto"
+    precision: str = "float32"
     sub_vocab: str = "mcv"
     method: str = "lossless"
     combine: str | None = None
@@ -135,6 +138,7 @@ class RunSettings:
             text_prune=self.text_prune,
             token_top_k=self.token_top_k or None,
             max_branches=self.max_branches or None,
+            precision=self.precision,
         )
 
     def mixing(self) -> Mixing:
@@ -169,6 +173,7 @@ class RunSettings:
             self.text_prune,
             self.max_branches,
             self.token_top_k,
+            self.precision,
         )
 
     def as_record(self) -> dict[str, Any]:
@@ -216,6 +221,7 @@ SCHEMA: dict[str, Check] = {
     ),
     "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
+    "precision": ((str,), "one of " + ", ".join(PRECISIONS), lambda v: v in PRECISIONS),
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
