@@ -49,7 +49,9 @@ class BackendCounters:
     previous prompt, plus prefixes answered from the logits cache.
     sequence_copies / evictions: branches made by copying a sequence / sequences
     reclaimed for lack of sequence ids or KV cells. restarts: times the exact path ran
-    out of cells and started again from the prompt.
+    out of cells and started again from the prompt. alive_sequences: the sequences
+    that hold a prefix now. kv_cells_used / peak_kv_cells: the KV cache's cells in use
+    now / at most so far (the prompt's included).
     """
 
     forward_passes: int = 0

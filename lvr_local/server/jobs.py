@@ -93,6 +93,8 @@ def completion_work(plan: RequestPlan, prompt: bytes, score_prompt: bool) -> Wor
 
 
 def run_items(runner: Runner, run: Run) -> Iterator[Any]:
+    """A run as the job's items: Started (once the prompt is read), a Piece per piece,
+    then Finished with the stop reason and the run's record."""
     taking_part = [b for b, m in zip(runner.backends, runner.members, strict=True) if m.enabled]
     yield Started(max(len(b.prompt) for b in taking_part))
     for chunk in run:
