@@ -1,4 +1,11 @@
-"""Errors a user can act on. The CLI prints their message, never a traceback."""
+"""Errors a user can act on, and the one error they cannot.
+
+LvrError and its kinds describe a problem with the user's input or environment: the CLI
+prints their message as one 'Error: ...' line, the server answers 4xx with it.
+InternalError is a broken contract inside lvr-local (a bug): the server answers 500 with
+a request id and logs the traceback; the CLI writes the traceback to a log file and
+prints one line naming it (lvr_local/cli/__init__.py).
+"""
 
 
 class LvrError(Exception):
@@ -15,3 +22,8 @@ class ModelFileError(LvrError):
 
 class UnsupportedTokenizerError(LvrError):
     """The GGUF's tokenizer cannot be turned into exact per-token bytes."""
+
+
+class InternalError(Exception):
+    """A broken internal contract: one part of lvr-local called another wrongly. Not an
+    LvrError on purpose, so that no front end answers it as the user's mistake."""

@@ -30,6 +30,11 @@ def log_file() -> Path:
     return user_dir() / "llama.log"
 
 
+def error_log() -> Path:
+    """Where the CLI appends the traceback of an internal error (a bug of lvr-local)."""
+    return user_dir() / "errors.log"
+
+
 def _ensure_dir(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from lvr_local.errors import LvrError, ModelFileError
+from lvr_local.errors import InternalError, LvrError, ModelFileError
 from lvr_local.llama import prefix_cache
 from lvr_local.llama.backend import LlamaBackend
 from lvr_local.llama.native import LlamaBatch, LlamaContext, LlamaModel
@@ -355,7 +355,7 @@ def test_gpu_layers_on_a_cpu_build_say_how_to_rebuild(smollm2_path: Path) -> Non
 
 def test_misuse_is_a_clear_error(smollm2_path: Path) -> None:
     backend = LlamaBackend(smollm2_path, n_ctx=256, n_threads=1)
-    with pytest.raises(LvrError, match="set_prompt"):
+    with pytest.raises(InternalError, match="set_prompt"):  # a bug of the caller's
         backend.next_logits([()])
     with pytest.raises(LvrError, match="empty"):
         backend.set_prompt([])

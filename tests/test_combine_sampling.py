@@ -1,4 +1,4 @@
-"""Combination rules and sampling over a combined distribution."""
+"""Combination rules, and sampling over a combined distribution."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from lvr_local.core.combine import combine, dominant_model
 from lvr_local.core.sampling import Sampler, SamplingParams
 from lvr_local.errors import LvrError
-from lvr_local.llama.chat_template import Message, builtin_templates, format_chat
 
 NEG = -np.inf
 
@@ -49,7 +48,7 @@ def test_product_vetoes_and_negative_weights_stay_finite() -> None:
     assert np.exp(contrast)[0] > 0.6  # the piece the negative model rules out is favoured
 
 
-def test_max_rule_and_errors() -> None:
+def test_max_normalises_the_weighted_maxima_and_bad_weights_or_rules_are_refused() -> None:
     q = logs([0.9, 0.1], [0.2, 0.8])
     p = np.exp(combine(q, [1, 1], "max"))
     assert np.allclose(p, np.array([0.9, 0.8]) / 1.7)
@@ -80,7 +79,9 @@ def test_greedy_and_seeded_sampling() -> None:
         (SamplingParams(temperature=1.0, min_p=0.4), {1, 2}),
     ],
 )
-def test_truncation(params: SamplingParams, allowed: set[int]) -> None:
+def test_top_k_top_p_and_min_p_leave_only_the_allowed_pieces(
+    params: SamplingParams, allowed: set[int]
+) -> None:
     logp = np.log(np.array([0.1, 0.6, 0.3]))
     sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": 3}))
     seen = {sampler.choose(logp) for _ in range(400)}
@@ -91,16 +92,3 @@ def test_impossible_pieces_are_never_sampled() -> None:
     logp = np.array([NEG, np.log(0.5), NEG, np.log(0.5)])
     sampler = Sampler(SamplingParams(temperature=2.0, seed=1))
     assert {sampler.choose(logp) for _ in range(200)} == {1, 3}
-
-
-def test_chat_templates_from_gguf_and_builtin() -> None:
-    messages = [Message("system", "Be brief."), Message("user", "Hi")]
-    chatml = format_chat("chatml", messages, model="m")
-    assert chatml.endswith("<|im_start|>assistant\n") and "Be brief." in chatml
-    gemma = format_chat("gemma", messages, model="g")
-    assert gemma.endswith("<start_of_turn>model\n")
-    assert "gemma" in builtin_templates()
-    with pytest.raises(LvrError, match="has no chat template"):
-        format_chat(None, messages, model="base")
-    with pytest.raises(LvrError, match="unknown chat role"):
-        format_chat("chatml", [Message("robot", "x")], model="m")

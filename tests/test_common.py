@@ -19,7 +19,9 @@ from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
 
 
-def test_bundled_pair(smollm2_path: Path, gemma_path: Path) -> None:
+def test_the_bundled_pair_shares_its_common_strings_plus_every_used_byte(
+    smollm2_path: Path, gemma_path: Path
+) -> None:
     smol, gemma = load_vocabulary(smollm2_path), load_vocabulary(gemma_path)
     sub = common([smol, gemma])
     assert 45_000 < len(sub.pieces) < 47_500  # about 46k
@@ -36,7 +38,7 @@ def test_bundled_pair(smollm2_path: Path, gemma_path: Path) -> None:
     )
 
 
-def test_qwen2_falcon(sdist_vocab_dir: Path) -> None:
+def test_qwen2_and_falcon_share_about_52k_pieces_in_either_order(sdist_vocab_dir: Path) -> None:
     qwen = load_vocabulary(sdist_vocab_dir / "ggml-vocab-qwen2.gguf")
     falcon = load_vocabulary(sdist_vocab_dir / "ggml-vocab-falcon.gguf")
     n = len(common([qwen, falcon]).pieces)
@@ -44,7 +46,7 @@ def test_qwen2_falcon(sdist_vocab_dir: Path) -> None:
     assert common([qwen, falcon]).pieces == common([falcon, qwen]).pieces
 
 
-def test_small_sub_vocabularies() -> None:
+def test_small_sub_vocabularies_list_their_pieces_in_a_fixed_order() -> None:
     v = Vocabulary.from_token_bytes("t", [b"a", b"ab", b"abc", None, b"\xff"], end_ids=(3,))
     # The model's tokens in token order, then the single bytes it lacks, sorted.
     assert [p for p in common([v]).pieces] == [b"a", b"ab", b"abc", b"\xff", b"b", b"c"]

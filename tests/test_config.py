@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,13 @@ import pytest
 from lvr_local.core.combine import Mixing
 from lvr_local.core.repetition import RepetitionParams
 from lvr_local.core.sampling import SamplingParams
-from lvr_local.errors import ConfigError
-from lvr_local.runner.config import default_config_path, find_config_path, load_config
+from lvr_local.errors import ConfigError, LvrError
+from lvr_local.runner.config import (
+    check_weights,
+    default_config_path,
+    find_config_path,
+    load_config,
+)
 from lvr_local.runner.settings import PROFILES, RunSettings, with_overrides
 
 GOOD = """
@@ -178,3 +185,13 @@ def test_modes_take_their_profile_unless_a_value_is_set() -> None:
     assert set_by_user.for_mode("chat").temperature == set_by_user.for_mode("raw").temperature
     with pytest.raises(ValueError, match="depends on the mode"):
         RunSettings().sampling()
+
+
+@pytest.mark.parametrize("name", ["--weight", "'weights'"])
+def test_weights_have_one_check_that_names_how_they_were_given(name: str) -> None:
+    """--weight, a request's weights, /weights and the TUI all go through check_weights."""
+    with pytest.raises(LvrError, match=f"^2 {re.escape(name)} values for 3 models$"):
+        check_weights([1.0, 2.0], 3, name)
+    with pytest.raises(LvrError, match=f"^{re.escape(name)} must be a finite number.*got nan"):
+        check_weights([1.0, math.nan, 2.0], 3, name)
+    check_weights([1.0, None, -2.0], 3, name)  # None: its own; the sign is the rule's to judge

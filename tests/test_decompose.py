@@ -66,7 +66,7 @@ def check_tables(vocab: Vocabulary, tables: DecompositionTables, sample: int | N
 
 
 @pytest.mark.parametrize("name", ["bytes", "maxlen2", "explicit", "mcv"])
-def test_synthetic_tables(name: str) -> None:
+def test_every_token_splits_greedily_over_each_synthetic_sub_vocabulary(name: str) -> None:
     vocab = vocab_a()
     check_tables(vocab, build_tables(vocab, synthetic_subs()[name]), sample=None)
 

@@ -19,7 +19,7 @@ from lvr_local.decoding.generation import Budget, RunStats, generate
 from lvr_local.decoding.members import Member
 from lvr_local.decoding.prompting import prepare_raw
 from lvr_local.decoding.scheduling import CoreScheduler
-from lvr_local.decoding.scoring import score_text
+from lvr_local.decoding.scoring import Scoring
 from lvr_local.llama.backend import LlamaBackend
 from lvr_local.runner.config import ModelSpec
 from lvr_local.runner.loading import load_member
@@ -67,7 +67,7 @@ def test_score_equals_brute_force_sum_over_tokenizations(
         [smol], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
     )
     try:
-        result = score_text(ensemble, text, prompt)
+        result = Scoring(ensemble, text, prompt).run()
     finally:
         ensemble.close()
     prepared = prepare_raw(smol.backend, smol.vocab, prompt)
@@ -88,7 +88,7 @@ def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
         [gemma], sub_vocab="bytes", options=EXACT, scheduler=CoreScheduler(concurrent=False)
     )
     try:
-        result = score_text(ensemble, b" cat", b"The")
+        result = Scoring(ensemble, b" cat", b"The").run()
     finally:
         ensemble.close()
     prepared = prepare_raw(gemma.backend, gemma.vocab, b"The")
@@ -146,27 +146,43 @@ def test_generation_events_and_stops(smol: Member, gemma: Member) -> None:
 
 def test_a_stop_string_inside_a_piece_keeps_the_piece_s_head(smol: Member, gemma: Member) -> None:
     """A stop string that begins inside a multi-byte piece: the text is cut exactly where
-    it begins, and the bytes of that piece before it are kept."""
+    it begins, and the bytes of that piece before it are kept. The stop string is the
+    greedy reply's own text from inside its first multi-byte piece to the end, so the
+    test holds whatever the reply is."""
     ensemble = Ensemble([smol, gemma])
     try:
         ensemble.start_chat([Message("user", "Name three colours.")])
         events = pieces(ensemble, 12)
         text = b"".join(e.text for e in events)
-        offset = 0
-        for e in events:  # the first piece with a tail that does not occur before it
-            tail = e.text[1:]
-            if len(e.text) > 1 and tail.isascii() and text.find(tail) == offset + 1:
-                break
-            offset += len(e.text)
-        else:
-            pytest.skip("no multi-byte piece with a fresh tail in this reply")
+        starts = np.cumsum([0] + [len(e.text) for e in events[:-1]])
+        inside = [  # (piece number, byte offset) of each place inside a multi-byte piece
+            (i, int(start) + k)
+            for i, (e, start) in enumerate(zip(events, starts, strict=True))
+            for k in range(1, len(e.text))
+            if _is_utf8(text[int(start) + k :])
+        ]
+        assert inside, text  # over the common vocabulary, words are pieces
+        number, cut_at = inside[0]
+        stop = text[cut_at:].decode()
         ensemble.start_chat([Message("user", "Name three colours.")])
         stats = RunStats()
-        cut = list(generate(ensemble, GREEDY.choose, Budget(12, None, (tail.decode(),)), stats))
-        assert b"".join(c.text for c in cut) == text[: offset + 1]
-        assert stats.stop_reason == "stop" and stats.bytes == offset + 1
+        cut = list(generate(ensemble, GREEDY.choose, Budget(12, None, (stop,)), stats))
+        kept = text.find(stop.encode())
+        assert b"".join(c.text for c in cut) == text[:kept]
+        assert stats.stop_reason == "stop" and stats.bytes == kept
+        if kept == cut_at:  # the stop string's first occurrence is the one inside the piece
+            assert len(cut) == number + 1 and events[number].text.startswith(cut[-1].text)
+            assert 0 < len(cut[-1].text) < len(events[number].text)
     finally:
         ensemble.close()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_a_step_can_list_the_most_likely_pieces(smol: Member, gemma: Member) -> None:
@@ -240,7 +256,7 @@ def test_every_rule_beats_both_models_on_english_and_naive_is_worse(
     assert loss["bayes"] <= best + math.log(2) + 1e-6
     naive = Ensemble([smol, gemma], sub_vocab="bytes", method="naive")
     try:
-        naive_result = score_text(naive, text)
+        naive_result = Scoring(naive, text).run()
     finally:
         naive.close()
     assert -naive_result["ensemble"]["logprob"] > loss["mean"]

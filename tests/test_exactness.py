@@ -1,9 +1,9 @@
 """Exact numbers where users meet them (issue: scores that do not move with batching,
 no possible text made impossible, mid-word prompts conditioned right).
 
-The oracle here shares nothing with lvr-local's backend: plain `llama_cpp.Llama`, its
-KV memory cleared before every tokenization path, tokens evaluated one at a time, every
-tokenization of the text enumerated."""
+The oracle (lvr_local/benchmarks/oracle.py) shares nothing with lvr-local's backend:
+plain `llama_cpp.Llama`, its KV memory cleared before every tokenization path, tokens
+evaluated one at a time, every tokenization of the text enumerated."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 from brute_force import brute_force_log_q
@@ -23,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from synthetic_lm import SyntheticLM, text_prob, vocab_a
 
+from lvr_local.benchmarks.oracle import oracle_score
 from lvr_local.cli import cli
 from lvr_local.core import reduction, subvocab
 from lvr_local.core.decompose import build_tables
@@ -35,58 +34,6 @@ from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import RunSettings
 
 SETTINGS = RunSettings(n_ctx=1024)
-
-
-# ----- the independent oracle ------------------------------------------------------------
-
-
-class Oracle:
-    """log P(rest | head) summed over every tokenization of `rest`, with plain llama-cpp-
-    python: for each token path, an empty KV memory and one token per decode."""
-
-    def __init__(self, path: Path, vocab: Vocabulary) -> None:
-        self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=512, n_threads=1, flash_attn=True, verbose=False
-        )
-        self.vocab = vocab
-        self.valid = vocab.has_bytes | vocab.is_end
-        self.by_bytes: dict[bytes, list[int]] = {}
-        for token, b in enumerate(vocab.all_token_bytes):
-            if b is not None:
-                self.by_bytes.setdefault(b, []).append(token)
-        self.logprobs = cache(self._logprobs)
-
-    def _logprobs(self, tokens: tuple[int, ...]) -> np.ndarray:
-        """Next-token log-probabilities after `tokens`, over tokens with bytes or END."""
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
-        self.llm.reset()
-        for token in tokens:
-            self.llm.eval([token])
-        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).astype(np.float64)
-        x = np.where(self.valid, logits, -np.inf)
-        return x - x.max() - np.log(np.exp(x - x.max()).sum())
-
-    def log_q(self, head: list[int], text: bytes) -> float:
-        """log of P(the continuation after `head` starts with `text`)."""
-        terms: list[float] = []
-
-        def walk(path: tuple[int, ...], pos: int, log_p: float) -> None:
-            logp = self.logprobs(tuple(head) + path)
-            rest = text[pos:]
-            for token, b in enumerate(self.vocab.all_token_bytes):
-                if b and b.startswith(rest) and logp[token] > -np.inf:
-                    terms.append(log_p + logp[token])
-            for n in range(1, len(rest)):
-                for token in self.by_bytes.get(rest[:n], []):
-                    walk((*path, token), pos + n, log_p + logp[token])
-
-        walk((), 0, 0.0)
-        top = max(terms)
-        return top + math.log(sum(math.exp(t - top) for t in terms))
-
-    def close(self) -> None:
-        self.llm.close()
 
 
 CASES = [  # (model, prompt, text): mid-token, newline, non-ASCII, empty prompt without BOS
@@ -116,16 +63,12 @@ def test_score_agrees_with_an_independent_oracle(
 ) -> None:
     runner = runners[model]
     got = runner.score(text, prompt).run()["models"][model]["logprob"]
-    member = runner.members[0]
-    prepared = prepare_raw(member.backend, member.vocab, prompt)  # the same start and head
-    oracle = Oracle(runner.backends[0].path, member.vocab)
-    try:
-        expected = oracle.log_q(prepared.tokens, prepared.tail + text)
-        if prepared.tail:
-            expected -= oracle.log_q(prepared.tokens, prepared.tail)
-    finally:
-        oracle.close()
+    expected = oracle_score(runner, text, prompt)
     assert abs(got - expected) < 1e-6, (got, expected)
+    # The rest of the gap is the float32 exp and pruning: without them, none is left.
+    exact = replace(SETTINGS, precision="float64", text_prune=0.0)
+    got = runner.score(text, prompt, exact).run()["models"][model]["logprob"]
+    assert abs(got - expected) < 1e-9, (got, expected)
 
 
 # ----- the same numbers however the work is done -------------------------------------

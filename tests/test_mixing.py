@@ -25,7 +25,7 @@ from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import Ensemble
 from lvr_local.decoding.roles import detect_role, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
-from lvr_local.decoding.scoring import score_text
+from lvr_local.decoding.scoring import Scoring
 from lvr_local.errors import LvrError
 from lvr_local.llama.chat_template import Message
 
@@ -47,7 +47,7 @@ def scored(weights: list[float], mixing: Mixing, text: bytes = TEXT) -> dict:
         scheduler=CoreScheduler(concurrent=False),
     )
     try:
-        return score_text(ensemble, text, PROMPT)
+        return Scoring(ensemble, text, PROMPT).run()
     finally:
         ensemble.close()
 

@@ -161,6 +161,25 @@ def test_a_stream_spells_the_same_reply(server: LiveServer) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+def test_a_streamed_reply_stops_before_a_stop_string_and_never_shows_it(
+    server: LiveServer,
+) -> None:
+    """The stop string is taken from the middle of the greedy reply itself, so it is met
+    whatever the reply is; the stream sends the text before it and nothing of it."""
+    client = server.openai()
+    whole = client.chat.completions.create(model="lvr-ensemble", messages=HELLO)
+    text = whole.choices[0].message.content
+    assert text and len(text) >= 4, text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    stream = client.chat.completions.create(
+        model="lvr-ensemble", messages=HELLO, stream=True, stop=[stop]
+    )
+    chunks = [c for c in stream if c.choices]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == text[: text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_completion_mid_token_with_echo_and_logprobs(server: LiveServer) -> None:
     prompt = "def fibo"
     response = server.openai().completions.create(

@@ -87,7 +87,8 @@ def test_every_short_text_has_the_probability_of_the_rule_applied_per_byte(
                 heads, tails = zip(*(prompt_split(m) for m in members), strict=True)
                 engine_logp, brute_logp = 0.0, 0.0
                 for i, value in enumerate(text):
-                    brute = documented_rule(brute_next(members, heads, tails, text[:i]), weights, rule)
+                    rows = brute_next(members, heads, tails, text[:i])
+                    brute = documented_rule(rows, weights, rule)
                     piece = ensemble.piece_id(bytes([value]))
                     event = ensemble.force(piece, i)  # no text ahead: as generation sees it
                     engine_logp += event.logprob

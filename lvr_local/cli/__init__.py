@@ -2,8 +2,9 @@
 
 Every user mistake (bad models.toml, missing or corrupt GGUF, unsupported tokenizer,
 bad flag value) reaches the user as one 'Error: ...' line and exit status 1 (2 for a
-usage error). Ctrl-C anywhere exits with 130, SIGTERM with 143, after printing what
-was produced (lvr_local/interrupts.py).
+usage error). A bug (InternalError, or any other exception) is one line too, naming the
+log file that holds its traceback. Ctrl-C anywhere exits with 130, SIGTERM with 143,
+after printing what was produced (lvr_local/interrupts.py).
 """
 
 from __future__ import annotations
@@ -85,7 +86,34 @@ def run_cli(args: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         return _interrupted(e)
+    except Exception as e:  # a bug, InternalError among them
+        return _internal_error(e, sys.argv[1:] if args is None else args)
     return result if isinstance(result, int) else 0
+
+
+def _internal_error(error: Exception, args: list[str]) -> int:
+    """A bug: its traceback is appended to the error log, and the terminal gets one line
+    that names the log (or, when the log cannot be written, the traceback itself)."""
+    import traceback
+    from datetime import UTC, datetime
+
+    from lvr_local.paths import error_log
+
+    text = "".join(traceback.format_exception(error))
+    try:
+        path = error_log()
+        with path.open("a", encoding="utf-8") as log:
+            log.write(f"{datetime.now(UTC).isoformat()} lvr {' '.join(args)}\n{text}\n")
+        where = f"the traceback is in {path}"
+    except (OSError, LvrError):
+        click.echo(text, err=True, nl=False)
+        where = "the traceback is above"
+    summary = (str(error).splitlines() or [""])[0]
+    click.echo(
+        f"Error: internal error ({type(error).__name__}: {summary}), a bug of lvr-local; {where}",
+        err=True,
+    )
+    return 1
 
 
 def _interrupted(error: KeyboardInterrupt) -> int:

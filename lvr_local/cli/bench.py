@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from lvr_local.cli.common import echo_json, model_specs
@@ -30,11 +28,10 @@ from lvr_local.cli.common import echo_json, model_specs
 def bench(ctx: click.Context, steps: int, models: tuple[str, ...], as_json: bool) -> None:
     """Speeds side by side in one run: native tokens/s of each model, each model alone
     through the engine, and ensemble pieces/s and bytes/s over the MCV and over bytes."""
-    from lvr_local.benchmarks import ensemble_bench, print_ensemble_report
+    from lvr_local.bench import measure, print_report
 
-    specs = model_specs(ctx, models, ())
-    report: dict[str, Any] = ensemble_bench(steps, specs=specs)
+    report = measure(model_specs(ctx, models, ()), steps)
     if as_json:
-        echo_json(report)
+        echo_json(report.to_json())
     else:
-        print_ensemble_report(report)
+        print_report(report)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -20,9 +19,9 @@ from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.errors import LvrError
 from lvr_local.llama.vocab_reader import load_vocabulary
-from lvr_local.runner.config import Config, ModelSpec, load_config
+from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
-from lvr_local.runner.settings import NUMERICS, RunSettings, with_overrides
+from lvr_local.runner.settings import NUMERICS, PRECISIONS, RunSettings, with_overrides
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -72,11 +71,7 @@ def model_specs(
     if not specs:
         raise LvrError(f"no model to run: {config.path} enables none and no -m was given")
     if weights:
-        if len(weights) != len(specs):
-            raise LvrError(f"{len(weights)} --weight values for {len(specs)} models")
-        bad = [w for w in weights if not math.isfinite(w)]
-        if bad:
-            raise LvrError(f"--weight must be a finite number, got {bad[0]}")
+        check_weights(weights, len(specs), "--weight")
         specs = [replace(s, weight=w) for s, w in zip(specs, weights, strict=True)]
     return specs
 
@@ -106,8 +101,11 @@ model_options = _options(
             type=float,
             help="Weight of each model, in -m order (negative allowed with product).",
         ),
-        click.option("--sub-vocab", help="auto | mcv | bytes | maxlen:K (default from models.toml; auto: bytes for "
-            "an ensemble, one model's own vocabulary alone)."),
+        click.option(
+            "--sub-vocab",
+            help="auto | mcv | bytes | maxlen:K (default from models.toml; auto: bytes for "
+            "an ensemble, one model's own vocabulary alone).",
+        ),
         click.option(
             "--method",
             type=click.Choice(METHODS),
@@ -162,6 +160,12 @@ model_options = _options(
             "generation).",
         ),
         click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            help="The engine's exp over each model's vocabulary: float32 (the default, "
+            "faster) or float64 (the last ~1e-7 nats of a score).",
+        ),
+        click.option(
             "--token-top-k",
             type=int,
             help="K-LVR: keep only the K most likely tokens of each branch (0 = all).",
@@ -203,6 +207,7 @@ sampling_options = _options(
 # Flags that are run settings, by their settings name (click's parameter names).
 SETTING_FLAGS = (
     "numerics",
+    "precision",
     "sub_vocab",
     "method",
     "combine",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvr_local.core.logspace import logsumexp_array, logsumexp_columns
 from lvr_local.errors import LvrError
 
 RULES = ("mean", "product", "max", "bayes")
@@ -51,11 +52,11 @@ NEGATIVE_WEIGHT_FLOOR = -50.0
 
 
 def log_normalise(scores: np.ndarray) -> np.ndarray:
-    top = np.max(scores)
-    if not np.isfinite(top):
+    """Log-scores shifted so that their probabilities sum to 1 (the product and max rules
+    give unnormalised scores); an error when every piece scores -inf."""
+    if not np.isfinite(np.max(scores)):
         raise LvrError("no piece is possible under the combined distribution")
-    shifted = scores - top
-    return shifted - np.log(np.sum(np.exp(shifted)))
+    return scores - logsumexp_array(scores)
 
 
 def combine(
@@ -138,12 +139,7 @@ def _repair_underflow(out: np.ndarray, rows: np.ndarray, log_scale: np.ndarray) 
     zero = np.flatnonzero(out == -np.inf)
     if len(zero) == 0:
         return
-    terms = rows[:, zero] + log_scale[:, None]
-    top = np.max(terms, axis=0)
-    lost = np.isfinite(top)
-    if lost.any():
-        top, terms = top[lost], terms[:, lost]
-        out[zero[lost]] = top + np.log(np.sum(np.exp(terms - top), axis=0))
+    out[zero] = logsumexp_columns(rows[:, zero] + log_scale[:, None])
 
 
 def _product(logq: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 
 from lvr_local.core.decompose import DecompositionTables
 from lvr_local.core.lm import NextTokenModel, TokenPrefix
+from lvr_local.core.logspace import grouped_logsumexp, logsumexp_array
 from lvr_local.core.reduction import ImpossiblePieceError
 from lvr_local.errors import LvrError
 
@@ -58,10 +59,9 @@ class NaiveState:
             logits = np.asarray(self.model.next_logits([self.prefix])[0], dtype=np.float64)
             self._flush_releases()
             x = logits[self.exact_tokens]
-            weights = np.exp(x - x.max())
-            mass = np.bincount(self.exact_pieces, weights=weights, minlength=self.sub_size)
-            with np.errstate(divide="ignore"):
-                self._logq = np.log(mass) - np.log(mass.sum())
+            pieces, log_mass = grouped_logsumexp(self.exact_pieces, x)
+            self._logq = np.full(self.sub_size, -np.inf)
+            self._logq[pieces] = log_mass - logsumexp_array(x)
             self._logq.flags.writeable = False
             self._token_logits = logits
         return self._logq

@@ -108,6 +108,9 @@ class NodeScorer:
         )
 
     def score(self, logits: np.ndarray) -> Scored:
+        """One row of logits (the model's own array, not copied) as a node's next-token
+        and next-piece distributions: the fast direct exp when the normaliser shows it
+        safe, else the careful shifted path (and always with top-K)."""
         x = np.asarray(logits)
         if x.shape != (self.n_vocab,):
             raise LvrError(f"logits of shape {x.shape}, expected ({self.n_vocab},)")

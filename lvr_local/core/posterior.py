@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lvr_local.core.logspace import logsumexp_array
 from lvr_local.errors import LvrError
 
 
@@ -49,10 +50,9 @@ class Posterior:
         """Condition on one more piece: `logq[i]` is member i's log-probability of it
         (-inf for a member that cannot spell it, or has left)."""
         log = self._log + np.asarray(logq, dtype=np.float64)
-        top = np.max(log)
-        if not np.isfinite(top):
+        if not np.isfinite(np.max(log)):
             return  # no member could spell it: keep the weights (the ensemble refuses it)
-        log -= top + np.log(np.sum(np.exp(log - top)))
+        log -= logsumexp_array(log)
         if self.switch_rate > 0:
             alive = np.isfinite(log)
             share = self.switch_rate / int(alive.sum())

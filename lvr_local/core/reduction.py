@@ -37,12 +37,16 @@ import numpy as np
 
 from lvr_local.core.decompose import DecompositionTables
 from lvr_local.core.lm import NextTokenModel, TokenPrefix
+from lvr_local.core.logspace import (
+    grouped_logsumexp,
+    log1mexp,
+    logsumexp,
+    logsumexp_array,
+)
 from lvr_local.core.node_scoring import PRECISIONS, NodeScorer, Scored
-from lvr_local.errors import LvrError
+from lvr_local.errors import InternalError, LvrError
 
 NEG_INF = float("-inf")
-# exp(x) for x below about -745 underflows to 0 in float64.
-MAX_EXP_RANGE = -700.0
 DEFAULT_PRUNE = 1e-4
 # Known text (scoring, forced prompt tails): a branch of tiny share now can carry much of
 # the text later (measured: 1e-4 lost 0.9 nats on 100 bytes of English, 1e-8 0.003).
@@ -159,8 +163,7 @@ class PendingNode:
     log_share: float = field(init=False)
 
     def __post_init__(self) -> None:
-        top = float(self.token_logp.max())
-        self.log_share = self.log_p + top + math.log(np.exp(self.token_logp - top).sum())
+        self.log_share = self.log_p + logsumexp_array(self.token_logp)
 
     @property
     def prefix(self) -> TokenPrefix:
@@ -237,7 +240,7 @@ class ReducedState:
         """The aligned nodes, for a new state over another sub-vocabulary to start from.
         Only when synchronised; this state is left empty and releases nothing of them."""
         if not self.synchronised:
-            raise LvrError("a state can only be handed over when synchronised")
+            raise InternalError("a state can only be handed over when synchronised")
         self._flush_releases()
         nodes = [(f.prefix, f.log_p) for f in self._fresh]
         self._fresh, self._dormant = [], []
@@ -311,7 +314,9 @@ class ReducedState:
         largest `max_branches` shares."""
         options = self.options
         floor = _log_floor(total, options.prune)
-        fresh_floor = floor if options.fresh_prune is None else _log_floor(total, options.fresh_prune)
+        fresh_floor = (
+            floor if options.fresh_prune is None else _log_floor(total, options.fresh_prune)
+        )
         cap = options.max_branches
         if cap and len(fresh) + len(pending) > cap:
             # Alternative tokenizations that split early keep their relative share for
@@ -350,9 +355,7 @@ class ReducedState:
         ok = self.tables.agree(node.tokens, node.depth, ahead)
         if not ok.any():
             return NEG_INF
-        logp = node.token_logp[ok]
-        top = float(logp.max())
-        return node.log_p + top + math.log(float(np.exp(logp - top).sum()))
+        return node.log_p + logsumexp_array(node.token_logp[ok])
 
     # ----------------------------------------------------------------- dormant nodes
 
@@ -423,12 +426,12 @@ class ReducedState:
             return
         rows = self.model.next_logits([f.prefix for f in todo])
         if len(rows) != len(todo):
-            raise LvrError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
+            raise InternalError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
         for node, row in zip(todo, rows, strict=True):
             node.scored = self.scorer.score(row)
             node.asked = True
             if node.scored.log_kept < 0.0:  # top-K cut: that mass is gone for good
-                self._add_pruned(node.log_p + _log1mexp(node.scored.log_kept))
+                self._add_pruned(node.log_p + log1mexp(node.scored.log_kept))
 
     def _combine(self) -> np.ndarray:
         """q(. | u): the nodes' contributions, each weighted by its share of Q(u)."""
@@ -453,15 +456,7 @@ class ReducedState:
         """Summed log-mass per next piece over all pending nodes."""
         nxt = np.concatenate([p.next_piece for p in self._pending])
         vals = np.concatenate([p.log_p + p.token_logp for p in self._pending])
-        top = float(vals.max())
-        if float(vals.min()) - top > MAX_EXP_RANGE:
-            # Some values would underflow next to the largest: a max per piece instead.
-            pieces, group = np.unique(nxt, return_inverse=True)
-            return pieces, group_logsumexp(group, vals, len(pieces))
-        # One shift for all (no sort): ~100k tokens wait after a byte-level root node.
-        sums = np.bincount(nxt, weights=np.exp(vals - top), minlength=self.sub_size)
-        pieces = np.flatnonzero(sums)
-        return pieces, np.log(sums[pieces]) + top
+        return grouped_logsumexp(nxt, vals)  # ~100k tokens wait after a byte-level root
 
     # ----------------------------------------------------------------- advancing
 
@@ -513,7 +508,7 @@ class ReducedState:
         self.pieces.append(piece)
         self.last_pruned_fraction = -math.expm1(log_kept - log_total)
         if log_kept < log_total:
-            self._add_pruned(log_total + _log1mexp(log_kept - log_total))
+            self._add_pruned(log_total + log1mexp(log_kept - log_total))
         self.log_Q = log_kept
         self._logq = None
         if piece == self.tables.sub.end_id:
@@ -562,28 +557,3 @@ def _extend(
 def _log_floor(log_total: float, fraction: float) -> float:
     """log(fraction * total); -inf (keep everything) for a fraction of 0."""
     return log_total + math.log(fraction) if fraction > 0.0 else NEG_INF
-
-
-def _log1mexp(x: float) -> float:
-    """log(1 - exp(x)) for x <= 0."""
-    return math.log(-math.expm1(x)) if x < 0.0 else NEG_INF
-
-
-def logsumexp(values: list[float]) -> float:
-    """log(sum(exp(values))) of a few scalars; -inf when empty or all -inf."""
-    if not values:
-        return NEG_INF
-    top = max(values)
-    if top == NEG_INF:
-        return NEG_INF
-    return top + math.log(math.fsum(math.exp(v - top) for v in values))
-
-
-def group_logsumexp(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
-    """logsumexp of `values` within each group id 0..n_groups-1."""
-    top = np.full(n_groups, NEG_INF)
-    np.maximum.at(top, group, values)
-    safe = np.where(top > NEG_INF, top, 0.0)
-    sums = np.bincount(group, weights=np.exp(values - safe[group]), minlength=n_groups)
-    with np.errstate(divide="ignore"):
-        return np.log(sums) + safe

@@ -19,7 +19,6 @@ generation.py's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -56,7 +55,7 @@ class PieceEvent:
     weights: tuple[float, ...]  # the members' configured weights
     mix_weights: tuple[float, ...]  # the weights the rule used here (bayes: the posterior)
     dominant: int  # the member whose weighted probability of it was largest
-    pruned: tuple[float, ...]  # each member's share of Q dropped by this step
+    pruned_fraction: tuple[float, ...]  # each member's share of Q dropped by this step
     byte_level: bool  # emitted during the byte-level phase after a mid-token prompt
     # The most likely pieces of the combined distribution, (bytes, logprob), most likely
     # first; END spells b"". Empty unless the step was asked for them (top_n).
@@ -129,11 +128,8 @@ class Ensemble:
         return [m.weight for m in self.members]
 
     def set_weights(self, weights: Sequence[float]) -> None:
-        if len(weights) != len(self.members):
-            raise LvrError(f"expected {len(self.members)} weights, got {len(weights)}")
-        bad = [w for w in weights if not math.isfinite(w)]
-        if bad:  # NaN would silently act as 0, an infinity as everything
-            raise LvrError(f"a weight must be a finite number, got {bad[0]}")
+        """One weight per member, checked by the runner (runner/config.py, check_weights):
+        NaN would silently act as 0, an infinity as everything."""
         for m, w in zip(self.members, weights, strict=True):
             m.weight = float(w)
 
@@ -237,6 +233,9 @@ class Ensemble:
         return mixing_weights(live, self.mixing)
 
     def combined(self, logq: np.ndarray) -> np.ndarray:
+        """The ensemble's next-piece log-distribution from the members' rows `logq`
+        (one per member): the rule over the members taking part with nonzero weight,
+        END from those that can end a turn (core/combine.py, `combine`)."""
         w = self.mix_weights()
         active = [i for i in range(len(self.members)) if self._live[i] and w[i] != 0]
         if not active:
@@ -293,7 +292,7 @@ class Ensemble:
             weights=tuple(self.weights),
             mix_weights=tuple(float(x) for x in mix),
             dominant=dominant_model(logq, mix, piece),
-            pruned=tuple(pruned),
+            pruned_fraction=tuple(pruned),
             byte_level=sub is not self.sub,
             left=tuple(left),
             revived=tuple(revived),

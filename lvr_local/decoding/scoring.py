@@ -84,8 +84,3 @@ class Scoring:
                 "bits_per_byte": float(-self.ensemble_logp * per_byte),
             }
         return result
-
-
-def score_text(ensemble: Ensemble, text: bytes, prompt: bytes = b"") -> dict[str, object]:
-    """Score a whole text: the record of `Scoring(ensemble, text, prompt).run()`."""
-    return Scoring(ensemble, text, prompt).run()

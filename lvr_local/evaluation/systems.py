@@ -77,6 +77,8 @@ def parse_systems(names: Sequence[str], members: Sequence[str]) -> list[System]:
 
 
 def parse_system(name: str, members: Sequence[str]) -> System:
+    """One system: a member's name (that model alone), or naive, mcv or bytes with an
+    optional :RULE (every member, by that method, sub-vocabulary and rule)."""
     if name in members:
         return System(name, tuple(m == name for m in members))
     kind, _, rule = name.partition(":")

@@ -20,7 +20,7 @@ import llama_cpp as L
 import numpy as np
 
 from lvr_local.core.lm import TokenPrefix
-from lvr_local.errors import LvrError
+from lvr_local.errors import InternalError, LvrError
 from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.llama.native import (
     LlamaBatch,
@@ -49,7 +49,9 @@ class BackendCounters:
     previous prompt, plus prefixes answered from the logits cache.
     sequence_copies / evictions: branches made by copying a sequence / sequences
     reclaimed for lack of sequence ids or KV cells. restarts: times the exact path ran
-    out of cells and started again from the prompt.
+    out of cells and started again from the prompt. alive_sequences: the sequences
+    that hold a prefix now. kv_cells_used / peak_kv_cells: the KV cache's cells in use
+    now / at most so far (the prompt's included).
     """
 
     forward_passes: int = 0
@@ -379,7 +381,7 @@ class LlamaBackend:
     def _check_ready(self) -> None:
         self._check_open()
         if not self._prompt:
-            raise LvrError("set_prompt must be called before next_logits")
+            raise InternalError("set_prompt must be called before next_logits")
 
     def _check_prompt(self, tokens: list[int]) -> None:
         if not tokens:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lvr_local.decoding.roles import ROLES
-from lvr_local.errors import ConfigError
+from lvr_local.errors import ConfigError, LvrError
 from lvr_local.paths import user_dir
 from lvr_local.runner.settings import SCHEMA, Check, RunSettings, checked, with_overrides
 from lvr_local.runner.sources import resolve_source
@@ -47,6 +48,27 @@ class ModelSpec:
         return self.rpc if self.rpc is not None else settings.rpc
 
 
+WEIGHT = "a finite number (negative allowed for product)"
+
+
+def is_weight(value: float) -> bool:
+    """The rule for one weight. Its sign is the combination rule's business: product
+    takes a negative weight, mean, max and bayes refuse one when they combine."""
+    return math.isfinite(value)
+
+
+def check_weights(weights: Sequence[float | None], n_models: int, name: str) -> None:
+    """The one check of a list of member weights, wherever it comes from (`--weight`, a
+    request's `weights`, `/weights` in lvr chat, the TUI): one per model, each a weight
+    (None: that model keeps its own). `name` is what the user wrote them as; a front end
+    passes the LvrError on in its own form."""
+    if len(weights) != n_models:
+        raise LvrError(f"{len(weights)} {name} values for {n_models} models")
+    bad = [w for w in weights if w is not None and not is_weight(w)]
+    if bad:
+        raise LvrError(f"{name} must be {WEIGHT}, got {bad[0]}")
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -64,7 +86,7 @@ class Config:
 _MODEL_KEYS: dict[str, Check] = {
     "name": ((str,), "a non-empty name", lambda v: bool(v.strip())),
     "source": ((str,), "a .gguf path or package:NAME", lambda v: bool(v.strip())),
-    "weight": ((int, float), "a finite number (negative allowed for product)", math.isfinite),
+    "weight": ((int, float), WEIGHT, is_weight),
     "enabled": ((bool,), "true or false", None),
     "n_ctx": SCHEMA["n_ctx"],
     "n_gpu_layers": SCHEMA["n_gpu_layers"],

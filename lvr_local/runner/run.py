@@ -30,7 +30,7 @@ from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.decoding.scoring import Scoring
 from lvr_local.errors import LvrError
 from lvr_local.llama.isolated import ModelBackend
-from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.config import ModelSpec, check_weights
 from lvr_local.runner.loading import ProgressCallback, load_members
 from lvr_local.runner.settings import RunSettings
 from lvr_local.text import utf8_bytes
@@ -133,6 +133,8 @@ class Runner:
         ]
 
     def set_weights(self, weights: Sequence[float]) -> None:
+        """Each member's weight, in member order (checked: config.check_weights)."""
+        check_weights(weights, len(self.members), "weights")
         self.ensemble_for(self.settings).set_weights(weights)
 
     def set_enabled(self, enabled: Sequence[bool]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lvr_local.core.combine import RULES, Mixing
+from lvr_local.core.node_scoring import PRECISIONS
 from lvr_local.core.reduction import (
     DEFAULT_FRESH_PRUNE,
     DEFAULT_MAX_BRANCHES,
@@ -73,7 +74,8 @@ class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, rpc (the
     llama.cpp RPC servers, "host:port", that hold the models' offloaded layers; empty:
     this machine), numerics (auto: exact for scoring, fast for generation;
-    docs/algorithm.md §8). Reduction
+    docs/algorithm.md §8), precision (of the engine's full-vocabulary exp: float32, or
+    float64 for the last ~1e-7 nats; README, "Exactness"). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), fresh_prune (generation, new branches: they cost a forward pass),
     text_prune (known text: scoring, forced prompt tails), max_branches,
@@ -87,6 +89,7 @@ class RunSettings:
     n_threads: int = 0
     rpc: tuple[str, ...] = ()
     numerics: str = "auto"
+    precision: str = "float32"
     sub_vocab: str = "auto"
     method: str = "lossless"
     combine: str | None = None
@@ -140,6 +143,7 @@ class RunSettings:
             fresh_prune=self.fresh_prune,
             token_top_k=self.token_top_k or None,
             max_branches=self.max_branches or None,
+            precision=self.precision,
         )
 
     def mixing(self) -> Mixing:
@@ -175,6 +179,7 @@ class RunSettings:
             self.text_prune,
             self.max_branches,
             self.token_top_k,
+            self.precision,
         )
 
     def as_record(self) -> dict[str, Any]:
@@ -222,6 +227,7 @@ SCHEMA: dict[str, Check] = {
     ),
     "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
+    "precision": ((str,), "one of " + ", ".join(PRECISIONS), lambda v: v in PRECISIONS),
     "sub_vocab": ((str,), "one of auto, mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),

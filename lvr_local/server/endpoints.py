@@ -1,6 +1,6 @@
 """The HTTP endpoints: /health, /v1/models, /v1/chat/completions, /v1/completions.
 
-A completion request becomes a plan (options.py) and a job (jobs.py) in the worker's
+A completion request becomes a plan (plan.py) and a job (jobs.py) in the worker's
 queue. The response starts once the first piece is there, so that a request that fails
 before any text (a bad weight for the rule, a prompt too long) still gets its 4xx; after
 that, a stream carries pieces as server-sent events and ends with `data: [DONE]`.

@@ -2,12 +2,15 @@
 
 Bad input is a 4xx with a message that names the field and what is expected: request
 validation (pydantic), the run settings' checks and the engine's LvrError (which only
-ever describes something the request asked for). A 5xx means a bug of the server.
+ever describes something the request asked for). A 500 means a bug of lvr-local (an
+InternalError, or any other exception): its message gives a request id, and the server's
+log holds the traceback under the same id.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,6 +55,20 @@ def error_body(
 ) -> dict[str, Any]:
     kind = TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def internal_error(exc: BaseException, where: str) -> ApiError:
+    """A bug answered as 500: the traceback is logged under a fresh request id that the
+    answer names, so that a user's report leads to it."""
+    request_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s, request id %s", where, request_id, exc_info=exc)
+    return ApiError(
+        500,
+        f"internal server error ({type(exc).__name__}), request id {request_id}: "
+        "the server's log holds the traceback",
+        code="internal_error",
+        headers={"X-Request-Id": request_id},
+    )
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
@@ -101,8 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return ApiError(400, str(exc)).response()
 
     async def bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return ApiError(500, f"internal server error: {type(exc).__name__}").response()
+        return internal_error(exc, f"on {request.method} {request.url.path}").response()
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)

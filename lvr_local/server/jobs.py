@@ -43,7 +43,6 @@ class Echo:
 @dataclass(frozen=True)
 class Finished:
     stop_reason: str
-    kept_bytes: int  # where the text ends (a stop string is cut off)
     record: dict[str, Any]
 
 
@@ -94,8 +93,10 @@ def completion_work(plan: RequestPlan, prompt: bytes, score_prompt: bool) -> Wor
 
 
 def run_items(runner: Runner, run: Run) -> Iterator[Any]:
+    """A run as the job's items: Started (once the prompt is read), a Piece per piece,
+    then Finished with the stop reason and the run's record."""
     taking_part = [b for b, m in zip(runner.backends, runner.members, strict=True) if m.enabled]
     yield Started(max(len(b.prompt) for b in taking_part))
     for chunk in run:
         yield Piece(chunk.event)
-    yield Finished(run.stats.stop_reason, run.stats.bytes, run.record())
+    yield Finished(run.stats.stop_reason, run.record())

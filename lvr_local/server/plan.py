@@ -9,12 +9,12 @@ models.toml, and a bad value is a 400 naming the request field.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lvr_local.errors import ConfigError
+from lvr_local.errors import ConfigError, LvrError
+from lvr_local.runner.config import check_weights
 from lvr_local.runner.settings import RunSettings, with_overrides
 from lvr_local.server.errors import ApiError
 from lvr_local.server.schemas import ChatCompletionRequest, CommonFields, CompletionRequest
@@ -164,12 +164,9 @@ def member_weights(
             )
         values = [weights.get(name) for name in members]
     else:
-        if len(weights) != len(members):
-            raise ApiError(
-                400, f"'weights' has {len(weights)} values for {len(members)} members",
-                param="weights",
-            )  # fmt: skip
         values = list(weights)
-    if any(v is not None and not math.isfinite(v) for v in values):
-        raise ApiError(400, "'weights' must be finite numbers", param="weights")
+    try:
+        check_weights(values, len(members), "'weights'")
+    except LvrError as e:
+        raise ApiError(400, str(e), param="weights") from e
     return tuple(values)

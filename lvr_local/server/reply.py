@@ -2,8 +2,9 @@
 
 Pieces are the ensemble's tokens: a reply reports `completion_tokens` in pieces, and the
 logprobs of a piece (its own and its alternatives) when its text is sent. A piece whose
-bytes end inside a UTF-8 character, or could begin a stop string, is held back with its
-text (text.py) and reported with the text that completes it.
+bytes end inside a UTF-8 character is held back with its text (text.py) and reported
+with the text that completes it. (Pieces that might begin a stop string never arrive
+before the generation loop rules it out: decoding/generation.py.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Reply:
     _pending: list[tuple[int, PieceEvent]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.text = StreamText(self.plan.settings.stop)
+        self.text = StreamText()
 
     def take(self, item: object) -> Delta | None:
         """Take one item of the job; the delta it releases (None: nothing to send)."""
@@ -62,10 +63,10 @@ class Reply:
         return Delta(text, done)
 
     def _finish(self, finished: Finished) -> Delta:
-        """The rest of the text, up to where the run says it ends."""
+        """The rest of the text, and the pieces not yet reported that spell some of it."""
         self.finished = finished
-        end = finished.kept_bytes if finished.stop_reason == "stop" else len(self.text.data)
-        text = self.text.finish(end)
+        end = len(self.text.data)
+        text = self.text.finish()
         done = tuple(e for offset, e in self._pending if offset < end)
         self._pending = []
         return Delta(text, done)

@@ -54,8 +54,10 @@ def piece_details(events: Sequence[PieceEvent], reply: Reply) -> list[dict[str, 
                 n: p for n, p in zip(names, e.member_probs, strict=True) if n in taking_part
             },
             "dominant": names[e.dominant],
-            "pruned": {
-                n: f + 0.0 for n, f in zip(names, e.pruned, strict=True) if n in taking_part
+            "pruned": {  # the API's name for the step's pruned fraction
+                n: f + 0.0
+                for n, f in zip(names, e.pruned_fraction, strict=True)
+                if n in taking_part
             },
             "byte_level": e.byte_level,
         }

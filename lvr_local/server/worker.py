@@ -24,7 +24,7 @@ from typing import Any
 
 from lvr_local.errors import LvrError
 from lvr_local.runner.run import Runner
-from lvr_local.server.errors import ApiError
+from lvr_local.server.errors import ApiError, internal_error
 
 log = logging.getLogger("lvr_local.server")
 
@@ -41,7 +41,8 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     """The job's last item when it did not run to its end: 400 for the engine's
-    LvrError (it describes what the request asked), 503 at shutdown, 500 for a bug."""
+    LvrError (it describes what the request asked), 503 at shutdown, 500 for a bug (the
+    message names the request id that the log holds the traceback under)."""
 
     message: str
     status: int
@@ -165,9 +166,8 @@ class GenerationWorker:
             job.push(Done())
         except LvrError as e:
             job.push(Failed(str(e), 400))
-        except Exception as e:
-            log.exception("a generation failed")
-            job.push(Failed(f"internal server error: {type(e).__name__}", 500))
+        except Exception as e:  # a bug, InternalError among them
+            job.push(Failed(internal_error(e, "in a generation").message, 500))
 
     def close(self) -> None:
         """Refuse new jobs, cancel the others, and wait for the thread: after this, the

@@ -1,0 +1,183 @@
+"""chat: what a user gets under the chat defaults, and bits/byte per rule."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from lvr_local.benchmarks.common import BUNDLED, ENGLISH
+from lvr_local.runner.run import Runner
+from lvr_local.runner.settings import PROFILES, RunSettings
+
+CHAT_PROMPTS = (
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain what a black hole is in two sentences.",
+    "Write a short poem about autumn leaves.",
+    "How do I boil an egg?",
+    "Name three primary colours.",
+    "What is photosynthesis?",
+    "Suggest a name for a pet cat.",
+    "Why is the sky blue?",
+)
+
+
+def repeated_ngrams(text: str, n: int = 4) -> tuple[int, int]:
+    """(word n-grams that already occurred earlier in the text, all word n-grams)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def repeated_lines(text: str) -> int:
+    """Non-empty lines that are copies of an earlier line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return len(lines) - len(set(lines))
+
+
+@dataclass(frozen=True)
+class Replies:
+    """What one configuration's replies to CHAT_PROMPTS came to."""
+
+    ended: int  # replies that ended by END, not by the budget
+    replies: int
+    mean_pieces: float
+    repeated_4grams: float  # the share of word 4-grams that occurred earlier in the reply
+    replies_with_a_repeated_line: int
+    texts: list[str]
+
+
+def chat_replies(
+    runner: Runner, settings: RunSettings, enabled: list[bool], seeds: int = 1
+) -> Replies:
+    """`seeds` replies per prompt (seeds k * len(CHAT_PROMPTS) + the prompt's number):
+    how many ended by END, their length, repeated 4-grams and repeated lines."""
+    from lvr_local.core.chat import Message
+
+    runner.set_enabled(enabled)
+    ended = pieces = rep = grams = bad_lines = 0
+    texts = []
+    n = len(CHAT_PROMPTS)
+    for seed, prompt in ((k * n + i, p) for k in range(seeds) for i, p in enumerate(CHAT_PROMPTS)):
+        run = runner.chat([Message("user", prompt)], replace(settings, seed=seed))
+        for _ in run:
+            pass
+        ended += run.stats.stop_reason == "end"
+        pieces += run.stats.pieces
+        r, g = repeated_ngrams(run.text)
+        rep, grams = rep + r, grams + g
+        bad_lines += repeated_lines(run.text) > 0
+        texts.append(run.text)
+    return Replies(
+        ended=ended,
+        replies=len(texts),
+        mean_pieces=pieces / len(texts),
+        repeated_4grams=rep / max(grams, 1),
+        replies_with_a_repeated_line=bad_lines,
+        texts=texts,
+    )
+
+
+def score_rules(runner: Runner, text: bytes) -> dict[str, float]:
+    """Bits/byte of `text` over bytes for each member and each rule with default (equal)
+    weights (and the uncalibrated product), all from one pass: the rules combine the
+    same rows."""
+    from lvr_local.core.combine import Mixing, combine, mixing_weights
+    from lvr_local.core.posterior import Posterior
+
+    runner.set_enabled([True] * len(runner.members))
+    ensemble = runner.ensemble_for(RunSettings(sub_vocab="bytes"))
+    ensemble.start_raw(b"")
+    prior = [m.weight for m in runner.members]
+    posterior = Posterior(prior)
+    rules = {
+        "mean": Mixing("mean"),
+        "product": Mixing("product"),
+        "product (1, 1)": Mixing("product", calibrate=False),
+        "max": Mixing("max"),
+    }
+    totals = dict.fromkeys([m.name for m in runner.members] + [*rules, "bayes"], 0.0)
+    for value in text:
+        piece = ensemble.piece_id(bytes([value]))
+        assert piece is not None
+        logq = ensemble.distributions()
+        for i, m in enumerate(runner.members):
+            totals[m.name] += logq[i, piece]
+        for name, mixing in rules.items():
+            totals[name] += combine(logq, mixing_weights(prior, mixing), mixing.rule)[piece]
+        totals["bayes"] += combine(logq, posterior.weights, "bayes")[piece]
+        posterior.update(logq[:, piece])
+        ensemble.force(piece)
+    return {k: -v / (len(text) * math.log(2)) for k, v in totals.items()}
+
+
+def chat(argv: Sequence[str] = ()) -> None:
+    """Each bundled model alone and the ensemble under each rule, on CHAT_PROMPTS with
+    the chat defaults (budget 256 pieces); then bits/byte on the shipped English text.
+    Options: --rules mean,product,bayes; --set KEY=VALUE (a run setting, TOML value);
+    --seeds K (replies per prompt); --no-alone (skip each model alone); --no-score."""
+    parser = argparse.ArgumentParser(prog="python -m lvr_local.benchmarks chat")
+    parser.add_argument("--rules", default="mean,product,bayes")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-alone", action="store_true")
+    parser.add_argument("--no-score", action="store_true")
+    args = parser.parse_args(argv)
+    settings = _settings_from(args.set).for_mode("chat")
+    shown = {k: getattr(settings, k) for k in PROFILES["chat"]} | _parse_sets(args.set)
+    print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, 256 pieces, settings {shown}")
+    runner = Runner(BUNDLED, settings).load()
+    n = len(runner.members)
+    configs = [
+        (f"{m.name} alone", [j == i for j in range(n)], "mean")
+        for i, m in enumerate(runner.members)
+        if not args.no_alone
+    ]
+    configs += [(f"ensemble {rule}", [True] * n, rule) for rule in args.rules.split(",")]
+    for label, enabled, rule in configs:
+        r = chat_replies(runner, replace(settings, combine=rule), enabled, args.seeds)
+        print(
+            f"  {label:<22} ended by END {r.ended:>2}/{r.replies}, "
+            f"{r.mean_pieces:5.1f} pieces on average, repeated 4-grams "
+            f"{100 * r.repeated_4grams:4.1f}%, replies with a repeated line "
+            f"{r.replies_with_a_repeated_line}",
+            flush=True,
+        )
+        print(f"    first reply: {r.texts[0]!r}", flush=True)
+    if not args.no_score:
+        print_rule_scores(runner)
+    runner.close()
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, object]:
+    """--set KEY=VALUE pairs, each value read as TOML (a bare word as a string)."""
+    import tomllib
+
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            values[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = raw
+    return values
+
+
+def _settings_from(pairs: Sequence[str]) -> RunSettings:
+    from lvr_local.runner.settings import with_overrides
+
+    return with_overrides(RunSettings(), "--set", **_parse_sets(pairs))
+
+
+def print_rule_scores(runner: Runner) -> None:
+    n = len(runner.members)
+    text = ENGLISH.read_bytes()
+    bpb = score_rules(runner, text)
+    best = min(bpb[m.name] for m in runner.members)
+    print(f"bits/byte on {ENGLISH.name} ({len(text)} bytes, over bytes, equal weights):")
+    for name, value in bpb.items():
+        print(f"  {name:<14} {value:.4f}  ({value - best:+.4f} against the better model)")
+    print(f"  bayes bound: best + log2({n})/n_bytes = {best + math.log2(n) / len(text):.4f}")
