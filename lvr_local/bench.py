@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import llama_cpp  # before numpy: the other order segfaulted on a CUDA machine
 import numpy as np
 
+from lvr_local.core.reduction import DEFAULT_PRUNE
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import ModelSpec
 from lvr_local.runner.run import Runner
@@ -62,7 +63,8 @@ class BenchReport:
     ideal_sequential_pieces_per_s: float
     ensembles: dict[str, EnsembleRate]
     engine_overhead_ms_per_piece: float  # in-turn MCV step minus t_A + t_B
-    bytes_vs_mcv_bytes_per_s: float
+    default_vs_mcv_bytes_per_s: float  # the default ensemble (over bytes) against the MCV
+    bytes_vs_mcv_bytes_per_s: float  # the byte level with every fresh node scored
     peak_rss_mib: float
 
     def to_json(self) -> dict[str, object]:
@@ -115,8 +117,10 @@ class EnsembleRun:
         sub_vocab: str,
         threads: int | None,
         concurrent: bool | None,
+        **changed: float,
     ) -> None:
         settings = RunSettings(n_ctx=2048, sub_vocab=sub_vocab, n_threads=threads or 0)
+        settings = replace(settings, **changed)
         self.runner = Runner(specs, settings, concurrent=concurrent).load()
         self.ensemble = self.runner.ensemble
         self.ensemble.start_raw(PROMPT + b" ")
@@ -185,7 +189,11 @@ def _decoders(specs: Sequence[ModelSpec], threads: int) -> dict[str, Decoder]:
         runs[f"reduced {spec.name}"] = EnsembleRun([spec], "mcv", None, None)
     runs["ensemble mcv"] = EnsembleRun(specs, "mcv", None, None)
     runs["ensemble mcv, in turn"] = EnsembleRun(specs, "mcv", threads, concurrent=False)
-    runs["ensemble bytes"] = EnsembleRun(specs, "bytes", None, None)
+    runs["ensemble default"] = EnsembleRun(specs, "auto", None, None)  # bytes, §7.4
+    # The byte level as it was: every fresh node above `prune` scored (a forward pass).
+    runs["ensemble bytes, all fresh"] = EnsembleRun(
+        specs, "bytes", None, None, fresh_prune=DEFAULT_PRUNE
+    )
     return runs
 
 
@@ -237,11 +245,15 @@ def _report(
         ideal_sequential_pieces_per_s=round(1.0 / sum(t_native.values()), 1),
         ensembles=ensembles,
         engine_overhead_ms_per_piece=round(1e3 * (in_turn - sum(t_native.values())), 2),
-        bytes_vs_mcv_bytes_per_s=round(
-            ensembles["ensemble bytes"].bytes_per_s / ensembles["ensemble mcv"].bytes_per_s, 3
-        ),
+        default_vs_mcv_bytes_per_s=_bytes_ratio(ensembles, "ensemble default"),
+        bytes_vs_mcv_bytes_per_s=_bytes_ratio(ensembles, "ensemble bytes, all fresh"),
         peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
+
+
+def _bytes_ratio(ensembles: dict[str, EnsembleRate], label: str) -> float:
+    """An ensemble's bytes/s over the MCV ensemble's, measured side by side."""
+    return round(ensembles[label].bytes_per_s / ensembles["ensemble mcv"].bytes_per_s, 3)
 
 
 def _ensemble_rates(
@@ -293,7 +305,11 @@ def print_report(report: BenchReport) -> None:
             f"{e.forward_passes_per_piece} ({e.rows_per_piece} rows)"
             f"  threads {threads}, {how}"
         )
-    print(f"  byte-level bytes/s vs MCV bytes/s: {report.bytes_vs_mcv_bytes_per_s} (target >= 0.5)")
+    print(
+        f"  default ensemble (bytes) bytes/s vs MCV bytes/s: "
+        f"{report.default_vs_mcv_bytes_per_s} (target >= 0.9); with every fresh node "
+        f"scored: {report.bytes_vs_mcv_bytes_per_s}"
+    )
     print(
         f"  engine overhead per MCV piece (in-turn step minus t_A + t_B): "
         f"{report.engine_overhead_ms_per_piece} ms"

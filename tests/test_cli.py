@@ -50,7 +50,7 @@ def test_settings_show_each_value_and_where_it_comes_from(tmp_path: Path) -> Non
     assert code == 0, out
     values = json.loads(out)["settings"]
     assert values["prune"] == 0.001 and values["method"] == "naive"
-    assert values["combine"] is None and values["max_pieces"] == 256  # None: the mode's
+    assert values["combine"] is None and values["max_pieces"] == 1024  # None: the mode's
     modes = json.loads(out)["by_mode"]
     assert modes["chat"]["combine"] == "bayes" and modes["raw"]["combine"] == "mean"
     assert modes["chat"]["temperature"] > 0 and modes["raw"]["temperature"] == 0

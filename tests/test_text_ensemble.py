@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from lvr_local.core.combine import Mixing
 from lvr_local.core.reduction import EngineOptions
 from lvr_local.decoding.ensemble import Ensemble
 from lvr_local.decoding.scheduling import CoreScheduler
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.run import Runner
+from lvr_local.runner.settings import RunSettings
 
 # Nothing pruned: the claim is exactness, pruning's own bound is tested elsewhere.
 EXACT = EngineOptions(prune=0.0, fresh_prune=0.0, max_branches=0, precision="float64")
@@ -110,3 +115,53 @@ def test_the_members_cut_the_checked_texts_differently() -> None:
     c, d = (set(filter(None, m.vocab.all_token_bytes)) for m in make_members())
     short = {t for t in c ^ d if len(t) > 1 and set(t) <= set(ALPHABET)}
     assert short, "the two synthetic vocabularies would spell every text alike"
+
+
+# ---------------------------------------------------------------------------------------
+# One real member: the generation path over bytes is `lvr score`'s number.
+
+REAL_CASES = [  # (model, prompt, text): mid-word, a URL, code, CJK
+    ("smollm2", b"The ca", b"t sat"),
+    ("smollm2", b"see https://exa", b"mple.com"),
+    ("gemma3", b"x = 1\n", b"y = x"),
+    ("gemma3", "東京".encode(), "都".encode()),
+]
+NO_PRUNING = RunSettings(
+    n_ctx=1024,
+    sub_vocab="bytes",
+    numerics="exact",
+    prune=1e-12,
+    fresh_prune=1e-12,
+    text_prune=1e-12,
+    max_branches=0,
+)
+
+
+@pytest.fixture(scope="module")
+def members(smollm2_path: Path, gemma_path: Path) -> Iterator[dict[str, Runner]]:
+    out = {
+        name: Runner([ModelSpec(name, str(path))], NO_PRUNING).load()
+        for name, path in (("smollm2", smollm2_path), ("gemma3", gemma_path))
+    }
+    yield out
+    for r in out.values():
+        r.close()
+
+
+@pytest.mark.parametrize(("model", "prompt", "text"), REAL_CASES)
+def test_one_member_generation_path_equals_lvr_score(
+    members: dict[str, Runner], model: str, prompt: bytes, text: bytes
+) -> None:
+    """Forced byte by byte as generation advances (no text ahead), a member's
+    log-probability of a text is what `lvr score` reports for it, to 1e-6 nats."""
+    runner = members[model]
+    scored = runner.score(text, prompt, NO_PRUNING).run()["models"][model]["logprob"]
+    for backend in runner.backends:
+        backend.set_exact(True)
+    ensemble = runner.ensemble_for(NO_PRUNING)
+    ensemble.start_raw(prompt)
+    generated = 0.0
+    for i, value in enumerate(text):
+        generated += ensemble.force(ensemble.piece_id(bytes([value])), i).member_logprobs[0]
+    assert math.isfinite(scored)
+    assert generated == pytest.approx(scored, abs=1e-6)
