@@ -52,12 +52,12 @@ def test_settings_show_each_value_and_where_it_comes_from(tmp_path: Path) -> Non
     assert values["prune"] == 0.001 and values["method"] == "naive"
     assert values["combine"] is None and values["max_pieces"] == 1024  # None: the mode's
     modes = json.loads(out)["by_mode"]
-    assert modes["chat"]["combine"] == "bayes" and modes["raw"]["combine"] == "mean"
+    assert modes["chat"]["combine"] == modes["raw"]["combine"] == "product"
     assert modes["chat"]["temperature"] > 0 and modes["raw"]["temperature"] == 0
     code, out = run("--config", str(config), "settings")
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[3:]}
     assert rows["prune"] == "file" and rows["method"] == "file" and rows["combine"] == "default"
-    assert "chat bayes, raw mean" in out
+    assert "chat 0.8, raw 0" in out  # a setting whose default depends on the mode
 
 
 def test_models_reports_a_missing_file(tmp_path: Path) -> None:

@@ -77,7 +77,10 @@ def test_valid_file_with_defaults_applied(tmp_path: Path) -> None:
         ("[defaults]\nn_ctx = 'big'", "'n_ctx' must be an integer from 16 to 1048576, got 'big'"),
         ("[defaults]\nn_ctx = 8", "'n_ctx' must be an integer from 16 to"),
         ("[defaults]\ncombine = 'median'", "'combine' must be one of mean, product, max"),
-        ("[defaults]\nsub_vocab = 'maxlen:x'", "'sub_vocab' must be one of auto, mcv, bytes, maxlen:K"),
+        (
+            "[defaults]\nsub_vocab = 'maxlen:x'",
+            "'sub_vocab' must be one of auto, mcv, bytes, maxlen:K",
+        ),
         ("[defaults]\ntop_p = 0", "'top_p' must be a number in (0, 1]"),
         ("[defaults]\nn_threads = true", "'n_threads' must be an integer"),
         ("defaults = 3", "[defaults] must be a table"),
@@ -174,7 +177,7 @@ def test_every_setting_has_one_default_and_a_check() -> None:
     assert options == EngineOptions(
         prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES, fresh_prune=DEFAULT_FRESH_PRUNE
     )
-    assert s.for_mode("raw").mixing() == Mixing()
+    assert s.for_mode("raw").mixing() == Mixing("product")
     assert s.for_mode("raw").repetition() == RepetitionParams()
     raw = s.for_mode("raw")
     assert s.budget().max_pieces == s.max_pieces and raw.sampling().temperature == raw.temperature

@@ -234,7 +234,7 @@ def test_processes_sharing_a_folder_lose_nothing_and_duplicates_count_once(
 
 
 def test_systems_by_name() -> None:
-    assert default_system_names(MEMBERS) == [*MEMBERS, "naive", "mcv"]
+    assert default_system_names(MEMBERS) == [*MEMBERS, "naive", "mcv", "bytes"]
     systems = parse_systems(["gemma3-270m", "bytes:product", "naive"], MEMBERS)
     assert [s.enabled for s in systems] == [(False, True), (True, True), (True, True)]
     assert (systems[1].sub_vocab, systems[1].combine, systems[2].method) == (

@@ -20,6 +20,9 @@ scoring: scoring speed on the exact numeric path against the fast one.
 chat: each bundled model alone and the ensemble under each rule on chat prompts, and
 bits/byte per rule.
 
+code: raw completions of Python function headers: lines off the 4-space grid and lines
+written three times, per member alone and per ensemble.
+
 serve: pieces/s through `lvr serve` against the runner directly, and the time to first
 piece of a second chat turn against the first (the prefix cache across requests).
 

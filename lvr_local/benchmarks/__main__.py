@@ -6,7 +6,17 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from lvr_local.bench import measure, print_report
-from lvr_local.benchmarks import backend, chat, engine, precision, prune, rpc, scoring, serve
+from lvr_local.benchmarks import (
+    backend,
+    chat,
+    code,
+    engine,
+    precision,
+    prune,
+    rpc,
+    scoring,
+    serve,
+)
 from lvr_local.benchmarks.common import BUNDLED
 
 
@@ -27,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
 WITH_OPTIONS: dict[str, Callable[[Sequence[str]], None]] = {
     "scoring": scoring.scoring,
     "chat": chat.chat,
+    "code": code.code,
 }
 
 

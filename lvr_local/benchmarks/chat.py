@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -114,13 +115,72 @@ def score_rules(runner: Runner, text: bytes) -> dict[str, float]:
     return {k: -v / (len(text) * math.log(2)) for k, v in totals.items()}
 
 
+FIRST_COMMAND = "Write a haiku about the sea."  # the README's first command
+
+
+def echoes(prompt: str, reply: str, n: int = 4) -> bool:
+    """Whether the reply repeats the prompt: any run of `n` of its words, case and
+    punctuation aside ("Tell me a haiku about the sea." echoes the README's prompt)."""
+    asked, said = _words(prompt), " ".join(_words(reply))
+    return any(" ".join(asked[i : i + n]) in f" {said} " for i in range(len(asked) - n + 1))
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+@dataclass(frozen=True)
+class FirstCommand:
+    """The README's first command under seeds 1..N: replies that neither echo the prompt
+    nor run to the budget (the ones a new user can use), and how the others failed."""
+
+    good: int
+    echoed: int
+    to_budget: int
+    seeds: int
+    texts: list[str]
+
+
+def first_command(runner: Runner, settings: RunSettings, seeds: int = 10) -> FirstCommand:
+    from lvr_local.core.chat import Message
+
+    good = echoed = to_budget = 0
+    texts = []
+    for seed in range(1, seeds + 1):
+        run = runner.chat([Message("user", FIRST_COMMAND)], replace(settings, seed=seed))
+        for _ in run:
+            pass
+        echo, budget = echoes(FIRST_COMMAND, run.text), run.stats.stop_reason.startswith("max")
+        good += not echo and not budget
+        echoed, to_budget = echoed + echo, to_budget + budget
+        texts.append(run.text)
+    return FirstCommand(good, echoed, to_budget, seeds, texts)
+
+
+def _configs(runner: Runner, rules: str, alone: bool) -> list[tuple[str, list[bool], dict]]:
+    """(label, members enabled, settings changed): each member alone over its own
+    vocabulary, then each ensemble of `rules` (RULE, or SUB:RULE such as mcv:bayes)."""
+    n = len(runner.members)
+    configs = [
+        (f"{m.name} alone", [j == i for j in range(n)], {"sub_vocab": "mcv"})
+        for i, m in enumerate(runner.members)
+        if alone
+    ]
+    for spec in rules.split(","):
+        sub, _, rule = spec.rpartition(":")
+        changed = {"combine": rule} | ({"sub_vocab": sub} if sub else {})
+        configs.append((f"ensemble {spec}", [True] * n, changed))
+    return configs
+
+
 def chat(argv: Sequence[str] = ()) -> None:
-    """Each bundled model alone and the ensemble under each rule, on CHAT_PROMPTS with
-    the chat defaults (budget 256 pieces); then bits/byte on the shipped English text.
-    Options: --rules mean,product,bayes; --set KEY=VALUE (a run setting, TOML value);
+    """Each bundled model alone and the ensemble under each rule: the README's first
+    command with seeds 1-10, then CHAT_PROMPTS, with the chat defaults; then bits/byte on
+    the shipped English text. Options: --rules product,mcv:bayes (RULE over the default
+    sub-vocabulary, or SUB:RULE); --set KEY=VALUE (a run setting, TOML value);
     --seeds K (replies per prompt); --no-alone (skip each model alone); --no-score."""
     parser = argparse.ArgumentParser(prog="python -m lvr_local.benchmarks chat")
-    parser.add_argument("--rules", default="mean,product,bayes")
+    parser.add_argument("--rules", default="product,mean,mcv:bayes,mcv:mean")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-alone", action="store_true")
@@ -128,17 +188,22 @@ def chat(argv: Sequence[str] = ()) -> None:
     args = parser.parse_args(argv)
     settings = _settings_from(args.set).for_mode("chat")
     shown = {k: getattr(settings, k) for k in PROFILES["chat"]} | _parse_sets(args.set)
-    print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, 256 pieces, settings {shown}")
+    budget = settings.max_pieces
+    print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
-    n = len(runner.members)
-    configs = [
-        (f"{m.name} alone", [j == i for j in range(n)], "mean")
-        for i, m in enumerate(runner.members)
-        if not args.no_alone
-    ]
-    configs += [(f"ensemble {rule}", [True] * n, rule) for rule in args.rules.split(",")]
-    for label, enabled, rule in configs:
-        r = chat_replies(runner, replace(settings, combine=rule), enabled, args.seeds)
+    configs = _configs(runner, args.rules, not args.no_alone)
+    print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-10:")
+    for label, enabled, changed in configs:
+        runner.set_enabled(enabled)
+        f = first_command(runner, replace(settings, **changed))
+        print(
+            f"  {label:<22} neither echoed nor ran to the budget {f.good:>2}/{f.seeds} "
+            f"(echoed {f.echoed}, ran to the budget {f.to_budget})",
+            flush=True,
+        )
+    print("chat prompts:")
+    for label, enabled, changed in configs:
+        r = chat_replies(runner, replace(settings, **changed), enabled, args.seeds)
         print(
             f"  {label:<22} ended by END {r.ended:>2}/{r.replies}, "
             f"{r.mean_pieces:5.1f} pieces on average, repeated 4-grams "

@@ -112,12 +112,13 @@ def parse_views(text: str) -> list[str]:
 
 def eval_settings(ctx: click.Context, kw: dict[str, Any], task: Task) -> RunSettings:
     """The decoding settings every system shares: greedy unless a temperature is given,
-    the task's stop strings (and --stop), its budget unless --max-pieces."""
+    the task's stop strings (and --stop), its budgets unless --max-pieces, --max-bytes."""
     sampled = kw.get("temperature") not in (None, 0)
     settings = settings_from(ctx, kw, **({} if sampled else {"temperature": 0.0}))
     stops = tuple(dict.fromkeys((*task.spec.stop, *settings.stop)))
     budget = kw["max_pieces"] or task.spec.max_pieces
-    return replace(settings, stop=stops, max_pieces=budget)
+    max_bytes = kw["max_bytes"] or task.spec.max_bytes or None
+    return replace(settings, stop=stops, max_pieces=budget, max_bytes=max_bytes)
 
 
 def run_fingerprint(task: Task, specs: Any, settings: RunSettings, seed: int) -> dict[str, Any]:

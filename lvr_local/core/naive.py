@@ -51,6 +51,11 @@ class NaiveState:
     def sub_size(self) -> int:
         return self.tables.n_symbols
 
+    @property
+    def needs_model(self) -> bool:
+        """Whether the next distribution costs a forward pass: every new piece does."""
+        return self._logq is None
+
     def next_piece_logprobs(self) -> np.ndarray:
         """log q(s | u) of the restricted, renormalised distribution."""
         if self.finished:

@@ -83,6 +83,9 @@ class PieceModel(Protocol):
 
     def hand_over(self) -> list[tuple[TokenPrefix, float]]: ...
 
+    @property
+    def needs_model(self) -> bool: ...
+
     def next_piece_logprobs(self) -> np.ndarray: ...
 
     def advance(self, piece: int, ahead: Sequence[int] | None = None) -> None: ...
@@ -245,6 +248,12 @@ class ReducedState:
         nodes = [(f.prefix, f.log_p) for f in self._fresh]
         self._fresh, self._dormant = [], []
         return nodes
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the next distribution costs a forward pass (a fresh node not yet
+        scored): the ensemble gives the cores to the members that decode."""
+        return self._logq is None and any(f.scored is None for f in self._fresh)
 
     @property
     def sub_size(self) -> int:

@@ -218,7 +218,13 @@ class Ensemble:
         if not self._states:
             raise LvrError("no prompt: call start_raw or start_chat first")
         live = [i for i, ok in enumerate(self._live) if ok]
-        rows = self.scheduler.map(lambda s: s.next_piece_logprobs(), [self._state(i) for i in live])
+        states = [self._state(i) for i in live]
+        rows = self.scheduler.map_decoding(
+            lambda s: s.next_piece_logprobs(),
+            states,
+            [self.members[i] for i in live],
+            [s.needs_model for s in states],
+        )
         logq = np.full((len(self.members), self._phase_sub.size), -np.inf)
         logq[live] = rows
         return logq

@@ -58,6 +58,31 @@ class CoreScheduler:
             return list(self._pool.map(fn, items))
         return [fn(item) for item in items]
 
+    def map_decoding(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        members: Sequence[Member],
+        decodes: Sequence[bool],
+    ) -> list[R]:
+        """fn over items, where `decodes` marks the items whose fn runs a forward pass of
+        the matching member. When members decode at once but only one of them decodes
+        this step (over bytes their tokens end at different bytes), that one gets every
+        core for it, and the others' numpy-only work runs after it in this thread; when
+        none decodes, all of it runs in this thread."""
+        lone = [i for i, d in enumerate(decodes) if d]
+        if not lone:  # numpy only: handing it to the pool costs more than it saves
+            return [fn(item) for item in items]
+        if not self.concurrent or len(lone) != 1 or not members[lone[0]].auto_threads:
+            return self.map(fn, items)
+        member, shared = members[lone[0]], members[lone[0]].backend.n_threads
+        member.backend.set_threads(self._cores())
+        try:
+            first = fn(items[lone[0]])
+        finally:
+            member.backend.set_threads(shared)
+        return [first if i == lone[0] else fn(item) for i, item in enumerate(items)]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()

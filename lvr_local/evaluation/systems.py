@@ -61,9 +61,10 @@ class System:
 
 
 def default_system_names(members: Sequence[str]) -> list[str]:
-    """Each member alone, the naive restriction and the MCV ensemble (the paper's rows);
-    with one member, that member alone."""
-    return list(members) + (["naive", "mcv"] if len(members) > 1 else [])
+    """Each member alone, the naive restriction and the MCV ensemble (the paper's rows),
+    and the default ensemble over bytes (docs/algorithm.md §7.4); with one member, that
+    member alone."""
+    return list(members) + (["naive", "mcv", "bytes"] if len(members) > 1 else [])
 
 
 def parse_systems(names: Sequence[str], members: Sequence[str]) -> list[System]:

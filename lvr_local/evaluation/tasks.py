@@ -59,6 +59,9 @@ class TaskSpec:
     fewshot: tuple[dict[str, Any], ...] = ()
     stop: tuple[str, ...] = ()
     max_pieces: int = 256
+    # A budget in bytes is the same length of text for every system (over bytes, the
+    # default ensemble's, a piece is a byte); 0: none.
+    max_bytes: int = 0
     answer_field: str = "answer"
     extract: str = "number"
     choices_field: str = "choices"
@@ -128,6 +131,7 @@ _SPEC_TYPES: dict[str, type | tuple[type, ...]] = {
     "fewshot": list,
     "stop": list,
     "max_pieces": int,
+    "max_bytes": int,
     "answer_field": str,
     "extract": str,
     "choices_field": str,
@@ -202,8 +206,8 @@ def _check_spec(spec: TaskSpec, where: str) -> None:
         raise TaskError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if spec.extract not in EXTRACTORS:
         raise TaskError(f"{where}: 'extract' must be one of {', '.join(EXTRACTORS)}")
-    if spec.max_pieces < 1 or spec.timeout <= 0:
-        raise TaskError(f"{where}: 'max_pieces' and 'timeout' must be positive")
+    if spec.max_pieces < 1 or spec.timeout <= 0 or spec.max_bytes < 0:
+        raise TaskError(f"{where}: 'max_pieces' and 'timeout' must be positive, 'max_bytes' >= 0")
     needed = spec.required_fields()
     for n, example in enumerate(spec.fewshot, 1):
         for name in template_fields(spec.prompt) + template_fields(spec.target):
@@ -301,7 +305,8 @@ HUMANEVAL = TaskSpec(
     target="{canonical_solution}",
     id_field="task_id",
     stop=CODE_STOPS,
-    max_pieces=384,
+    max_pieces=1024,
+    max_bytes=1024,  # about 384 tokens of code, the same text length for every system
 )
 
 

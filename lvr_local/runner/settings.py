@@ -45,13 +45,14 @@ MODES = ("chat", "raw")
 _REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
 
 # The settings whose default depends on the mode (None in RunSettings), chosen by
-# `python -m lvr_local.benchmarks chat` (README, "Measured"). Chat: llama.cpp's sampling
-# defaults (common/common.h) with DRY at 0.8, its authors' suggested strength, and the
-# bayes rule, which ended replies and avoided repeats best. Raw: greedy, unpenalised,
-# and the mean rule, the better predictor of text.
+# `python -m lvr_local.benchmarks chat` and `... code` (README, "Measured"). Chat:
+# llama.cpp's sampling defaults (common/common.h) with DRY at 0.8, its authors' suggested
+# strength. Raw: greedy, unpenalised. Both combine by the product over bytes (the `auto`
+# sub-vocabulary, docs/algorithm.md §7.4): the chat member's veto keeps the base member
+# from echoing the prompt, and the product predicted code best.
 PROFILES: dict[str, dict[str, Any]] = {
     "chat": {
-        "combine": "bayes",
+        "combine": "product",
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
@@ -59,7 +60,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dry_multiplier": 0.8,
     },
     "raw": {
-        "combine": Mixing.rule,
+        "combine": "product",
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,
