@@ -20,6 +20,7 @@ import pytest
 from synthetic_lm import text_prob
 from test_byte_phase import PROMPT, make_members
 
+from lvr_local.benchmarks.code import HEADERS, complete_headers
 from lvr_local.core.combine import Mixing
 from lvr_local.core.reduction import EngineOptions
 from lvr_local.decoding.ensemble import Ensemble
@@ -165,3 +166,30 @@ def test_one_member_generation_path_equals_lvr_score(
         generated += ensemble.force(ensemble.piece_id(bytes([value])), i).member_logprobs[0]
     assert math.isfinite(scored)
     assert generated == pytest.approx(scored, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# What a user reads: the default raw completion of function headers.
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2_path: Path, gemma_path: Path) -> Iterator[Runner]:
+    specs = [ModelSpec("smollm2", str(smollm2_path)), ModelSpec("gemma3", str(gemma_path))]
+    with Runner(specs, RunSettings(n_ctx=2048)).load() as runner:
+        yield runner
+
+
+def test_default_raw_completion_keeps_the_prompts_indentation_and_never_loops(
+    pair: Runner,
+) -> None:
+    """The bundled pair's tokenizers cut indentation differently (docs/algorithm.md §7.3):
+    over the MCV the mean ensemble indented code at 7 or 9 spaces and wrote blank
+    indented lines. The default ensemble (product over bytes, greedy) must keep every
+    line of every completion on the 4-space grid, and write no line (or pair of lines)
+    three times in a row."""
+    assert pair.ensemble_for(pair.settings).sub.kind == "bytes"
+    done = complete_headers(pair, pair.settings)
+    assert len(done) == len(HEADERS)
+    assert all(c.text.strip() for c in done), [c.text for c in done]
+    assert [c.off_grid for c in done] == [[]] * len(done), [c.text for c in done]
+    assert [c.thrice for c in done] == [[]] * len(done), [c.text for c in done]
