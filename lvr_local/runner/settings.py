@@ -32,6 +32,7 @@ from lvr_local.core.sampling import SamplingParams
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
 from lvr_local.errors import ConfigError
+from lvr_local.llama.extra_buffers import SETTINGS as EXTRA_BUFFERS
 from lvr_local.llama.rpc import is_endpoint
 
 NUMERICS = ("auto", "exact", "fast")
@@ -71,8 +72,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, rpc (the
     llama.cpp RPC servers, "host:port", that hold the models' offloaded layers; empty:
-    this machine), numerics (auto: exact for scoring, fast for generation;
-    docs/algorithm.md §8). Reduction
+    this machine), extra_buffers (llama.cpp's repacked weight layouts, AMX and CPU_REPACK:
+    auto = where a probe decode found them safe, llama/extra_buffers.py), numerics (auto:
+    exact for scoring, fast for generation; docs/algorithm.md §8). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
@@ -84,6 +86,7 @@ class RunSettings:
     n_gpu_layers: int = 0
     n_threads: int = 0
     rpc: tuple[str, ...] = ()
+    extra_buffers: str = "auto"
     numerics: str = "auto"
     sub_vocab: str = "mcv"
     method: str = "lossless"
@@ -215,6 +218,11 @@ SCHEMA: dict[str, Check] = {
         lambda v: 0 <= v <= 1024,
     ),
     "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
+    "extra_buffers": (
+        (str,),
+        "one of " + ", ".join(EXTRA_BUFFERS),
+        lambda v: v in EXTRA_BUFFERS,
+    ),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
     "sub_vocab": ((str,), "one of mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
     "method": ((str,), "one of " + ", ".join(METHODS), lambda v: v in METHODS),
