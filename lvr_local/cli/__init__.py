@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from lvr_local import __version__, interrupts
+from lvr_local import __version__, crash_report, interrupts
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
 from lvr_local.cli.eval import eval_command
@@ -65,6 +65,7 @@ for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
 
 def main() -> None:
     interrupts.install()
+    crash_report.install()  # a fatal signal in llama.cpp: the stack in llama.log
     sys.exit(run_cli())
 
 
