@@ -85,6 +85,16 @@ def test_a_hanging_probe_is_killed_at_its_time_limit(
     assert not found.safe and "hung (killed after 20 s)" in found.reason
 
 
+def test_a_probe_stopped_from_outside_gives_no_verdict(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch, own_cache: Path
+) -> None:
+    """SIGKILL (the OOM killer, say) is not a kernel's fault: "off" for now, not kept."""
+    monkeypatch.setenv(extra_buffers.FAULT_ENV, "kill")
+    found = extra_buffers.verdict(smollm2_path)
+    assert not found.safe and not found.kept and "stopped by SIGKILL" in found.reason
+    assert extra_buffers.cached_verdict(smollm2_path) is None
+
+
 def test_a_probe_that_cannot_run_means_off_and_is_not_kept(
     smollm2_path: Path, monkeypatch: pytest.MonkeyPatch, own_cache: Path
 ) -> None:

@@ -26,8 +26,9 @@ once per machine and build.
 
 Testing the unsafe path on a machine whose kernels work: with $LVR_TEST_PROBE_FAULT set
 (test-only; never set it otherwise) the probe child harms itself instead of decoding:
-"signal" sends itself a real SIGSEGV after loading, "hang" sleeps past any time limit,
-"error" raises before loading, as a broken import would.
+"signal" sends itself a real SIGSEGV after loading, "kill" a SIGKILL (as the OOM killer
+would: no verdict), "hang" sleeps past any time limit, "error" raises before loading, as
+a broken import would.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ PROBE_TIMEOUT_S = 120.0
 FAULT_ENV = "LVR_TEST_PROBE_FAULT"  # test-only: see the module docstring
 PROBE_BATCH = 32  # tokens of the batched decode (the one that faults on AMX machines)
 PLAIN_BUFFERS = ("CPU", "CPU_Mapped")  # not extra: the weights as they are in the file
+# The signals a faulting kernel dies of (GGML_ABORT raises SIGABRT).
+FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,10 @@ def run_probe(path: Path, timeout: float = PROBE_TIMEOUT_S) -> Verdict:
     types = _reported_types(done.stdout)
     status = done.returncode
     if status < 0 or status > 128:  # killed by a signal (> 128: through a shell)
-        name = _signal_name(-status if status < 0 else status - 128)
+        number = -status if status < 0 else status - 128
+        name = _signal_name(number)
+        if number not in FAULTS:  # stopped from outside (the OOM killer, a kill): no verdict
+            return Verdict(False, f"the probe was stopped by {name}: loading without", kept=False)
         return Verdict(False, f"the probe decode{_with(types)} died of {name}", types)
     if status != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -248,14 +254,15 @@ def _probe_child(path: str) -> None:
     from lvr_local.llama.native import LlamaBatch, LlamaContext, LlamaModel
     from lvr_local.machine import physical_cores
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it kills us
     fault = os.environ.get(FAULT_ENV, "")
     if fault == "error":
         raise ImportError(f"{FAULT_ENV}=error: a stand-in for a broken import")
     model = LlamaModel(Path(path), extra_buffers=True)
     extra = [t for t in model.buffer_types if t not in PLAIN_BUFFERS]  # no GPU layers here
     print(json.dumps({"extra_buffers": extra}), flush=True)
-    if fault == "signal":
-        os.kill(os.getpid(), signal.SIGSEGV)
+    if fault in ("signal", "kill"):
+        os.kill(os.getpid(), signal.SIGSEGV if fault == "signal" else signal.SIGKILL)
     if fault == "hang":
         time.sleep(3600)
     ctx = LlamaContext(
