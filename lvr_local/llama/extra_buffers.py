@@ -10,10 +10,11 @@ message (llama.cpp#20824). A one-token decode survives, so the crash looks rando
 A fault cannot be caught in Python, so the question is asked in a child process: load the
 model with the extra buffers, decode a batch of tokens and then one token, check the
 logits are finite. The child's fate is the verdict: it exits cleanly (safe), dies of a
-signal, hangs past a time limit or returns non-finite logits (unsafe: load without
-them). A child that cannot run at all (an import error, a file it cannot read) says
-nothing about the kernels: the verdict is "off" for this run, with the reason, and is
-not kept, so the next run asks again.
+fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT), hangs past a time limit or returns
+non-finite logits (unsafe: load without them). A child that cannot run at all (an
+import error, a file it cannot read) or is stopped from outside (SIGKILL from the OOM
+killer) says nothing about the kernels: the verdict is "off" for this run, with the
+reason, and is not kept, so the next run asks again.
 
 A verdict holds for one model file, one CPU and one llama.cpp build: it is kept in the
 user directory's cache together with the CPU's model name and flags, the llama-cpp-python
