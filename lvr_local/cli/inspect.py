@@ -219,7 +219,8 @@ def settings(ctx: click.Context, as_json: bool) -> None:
         for f in fields(RunSettings)
     ]
     click.echo(table(("SETTING", "VALUE", "FROM"), rows))
-    click.echo("\nextra buffers in force, per model:")
+    if extra:
+        click.echo("extra buffers in force, per model:")
     for name, record in extra.items():
         click.echo(f"  {name}: {record['in_force']} ({record['why']})")
 
