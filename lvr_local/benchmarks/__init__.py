@@ -29,6 +29,9 @@ piece of a second chat turn against the first (the prefix cache across requests)
 rpc: pieces/s with SmolLM2's layers on a localhost `lvr rpc-server` against fully local,
 and the RPC bytes per piece.
 
+extra-buffers: prompt processing and decoding speed with llama.cpp's extra buffer types
+(AMX, CPU_REPACK) and without.
+
 Every benchmark measures its alternatives side by side in one run and prints ratios.
 """
 

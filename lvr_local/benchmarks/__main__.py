@@ -11,6 +11,7 @@ from lvr_local.benchmarks import (
     chat,
     code,
     engine,
+    extra_buffers,
     precision,
     prune,
     rpc,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
     "prune": prune.prune,
     "serve": serve.serve,
     "rpc": rpc.rpc,
+    "extra-buffers": extra_buffers.extra_buffers,
 }
 WITH_OPTIONS: dict[str, Callable[[Sequence[str]], None]] = {
     "scoring": scoring.scoring,

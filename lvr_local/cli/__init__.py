@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
-from lvr_local import __version__, interrupts
+from lvr_local import __version__, crash_report, interrupts
 from lvr_local.cli.bench import bench
 from lvr_local.cli.decode import chat, generate, score
+from lvr_local.cli.doctor import doctor
 from lvr_local.cli.eval import eval_command
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
 from lvr_local.cli.rpc import rpc_build, rpc_server
@@ -59,13 +60,15 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
     set_verbose(verbose)
 
 
-_COMMANDS = (models, vocab, common, paths, settings, generate, chat, score, eval_command, serve)
+_COMMANDS = (models, vocab, common, paths, settings, doctor)
+_COMMANDS += (generate, chat, score, eval_command, serve)
 for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
     cli.add_command(_command)
 
 
 def main() -> None:
     interrupts.install()
+    crash_report.install()  # a fatal signal in llama.cpp: the stack in llama.log
     sys.exit(run_cli())
 
 

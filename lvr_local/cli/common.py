@@ -18,6 +18,7 @@ from lvr_local.core.combine import RULES
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.errors import LvrError
+from lvr_local.llama.extra_buffers import SETTINGS as EXTRA_BUFFERS
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
@@ -166,6 +167,12 @@ model_options = _options(
             "faster) or float64 (the last ~1e-7 nats of a score).",
         ),
         click.option(
+            "--extra-buffers",
+            type=click.Choice(EXTRA_BUFFERS),
+            help="llama.cpp's repacked weight layouts (AMX, CPU_REPACK): auto = where a probe "
+            "decode on this machine found them safe (they fault on some AMX Xeons).",
+        ),
+        click.option(
             "--token-top-k",
             type=int,
             help="K-LVR: keep only the K most likely tokens of each branch (0 = all).",
@@ -206,6 +213,7 @@ sampling_options = _options(
 
 # Flags that are run settings, by their settings name (click's parameter names).
 SETTING_FLAGS = (
+    "extra_buffers",
     "numerics",
     "precision",
     "sub_vocab",

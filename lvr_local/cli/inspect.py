@@ -13,6 +13,7 @@ from lvr_local.cli.common import echo_json, get_config, load_vocab, size_text, t
 from lvr_local.core.vocabulary import TYPE_NAMES, Vocabulary
 from lvr_local.decoding.roles import detect_role
 from lvr_local.errors import LvrError
+from lvr_local.llama.extra_buffers import cached_verdict
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.paths import user_dir
 from lvr_local.runner.config import ModelSpec, find_config_path
@@ -196,9 +197,17 @@ def settings(ctx: click.Context, as_json: bool) -> None:
     config = get_config(ctx)
     defaults = RunSettings()
     by_mode = {mode: config.defaults.for_mode(mode).as_record() for mode in MODES}
+    extra = {spec.name: _extra_buffers(spec, config.defaults) for spec in config.models}
     if as_json:
         values = config.defaults.as_record()  # None: the mode's value, given in by_mode
-        echo_json({"config": str(config.path), "settings": values, "by_mode": by_mode})
+        echo_json(
+            {
+                "config": str(config.path),
+                "settings": values,
+                "by_mode": by_mode,
+                "extra_buffers": extra,
+            }
+        )
         return
     click.echo(f"config: {config.path}")
     rows = [
@@ -210,6 +219,29 @@ def settings(ctx: click.Context, as_json: bool) -> None:
         for f in fields(RunSettings)
     ]
     click.echo(table(("SETTING", "VALUE", "FROM"), rows))
+    if extra:
+        click.echo("extra buffers in force, per model:")
+    for name, record in extra.items():
+        click.echo(f"  {name}: {record['in_force']} ({record['why']})")
+
+
+def _extra_buffers(spec: ModelSpec, defaults: RunSettings) -> dict[str, object]:
+    """What `extra_buffers` a model loads with and why: the setting, or for "auto" the
+    kept probe verdict (none yet: the probe runs at the model's first load, or in
+    `lvr doctor`). Cheap: nothing is probed or loaded here."""
+    setting = spec.extra_buffers or defaults.extra_buffers
+    source = "models.toml [[model]]" if spec.extra_buffers else "run settings"
+    record: dict[str, object] = {"setting": setting, "from": source}
+    if setting != "auto":
+        return {**record, "in_force": setting, "why": f"extra_buffers = {setting} ({source})"}
+    try:
+        found = cached_verdict(spec.resolve_path(assemble=False))
+    except LvrError:
+        found = None
+    if found is None:
+        why = "auto: not probed yet on this machine and build; probed at the first load"
+        return {**record, "in_force": "decided at load", "why": why}
+    return {**record, "in_force": "on" if found.safe else "off", "why": f"auto: {found.reason}"}
 
 
 def _per_mode(by_mode: dict[str, dict[str, object]], key: str) -> str:

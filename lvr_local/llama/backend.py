@@ -21,6 +21,7 @@ import numpy as np
 
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.errors import InternalError, LvrError
+from lvr_local.llama.extra_buffers import decide
 from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.llama.native import (
     LlamaBatch,
@@ -89,6 +90,8 @@ class LlamaBackend:
     re-evaluation); n_threads defaults to the physical cores; n_ubatch (default n_batch)
     is how many tokens llama.cpp computes at once. devices: where the n_gpu_layers go
     (llama.cpp devices, e.g. RPC servers', rpc.py), instead of this build's GPUs.
+    extra_buffers: "auto" (as a probe decode on this machine found safe, extra_buffers.py),
+    "on" or "off"; `use_extra_buffers` and `extra_buffers_reason` say what was done, why.
 
     Numerics: llama.cpp's results are deterministic but depend on how a token was computed:
     with which other tokens (GEMM vs GEMV kernels, by ubatch size) and, with flash
@@ -110,6 +113,7 @@ class LlamaBackend:
         n_seq_max: int = 16,
         n_ubatch: int | None = None,
         devices: Sequence[int] = (),
+        extra_buffers: str = "auto",
     ) -> None:
         path = Path(path)
         check_gguf(path)
@@ -122,7 +126,10 @@ class LlamaBackend:
         self._ctx: LlamaContext | None = None
         self._batch: LlamaBatch | None = None
         self.n_threads = n_threads or physical_cores()
-        self._model = LlamaModel(path, n_gpu_layers=n_gpu_layers, devices=devices)
+        self.use_extra_buffers, self.extra_buffers_reason = decide(extra_buffers, path)
+        self._model = LlamaModel(
+            path, n_gpu_layers=n_gpu_layers, devices=devices, extra_buffers=self.use_extra_buffers
+        )
         try:
             self._ctx = LlamaContext(
                 self._model,

@@ -61,6 +61,7 @@ class IsolatedBackend:
         n_gpu_layers: int = -1,
         n_threads: int | None = None,
         n_seq_max: int = 16,
+        extra_buffers: str = "auto",
     ) -> None:
         self.path = Path(path)
         self.endpoints = list(endpoints)
@@ -79,6 +80,7 @@ class IsolatedBackend:
             "n_gpu_layers": n_gpu_layers,
             "n_threads": n_threads,
             "n_seq_max": n_seq_max,
+            "extra_buffers": extra_buffers,
         }
         try:  # loading may take minutes: Ctrl-C stops it at once, the child with it
             sizes = self._call("open", options, timeout=LOAD_TIMEOUT_S, interruptible=True)

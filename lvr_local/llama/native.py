@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from lvr_local.paths import log_file
 
 LOG_ROTATE_BYTES = 8 * 2**20  # llama.log is moved to llama.log.1 beyond this size
 _recent_log: collections.deque[str] = collections.deque(maxlen=40)
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size")
+_model_buffers: list[str] = []  # the buffer types of the model being loaded
 _backend_ready = False
 _verbose = os.environ.get("LVR_VERBOSE") == "1"
 _log: TextIO | None = None
@@ -42,6 +45,8 @@ def set_verbose(on: bool) -> None:
 def _log_line(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace")
     _recent_log.append(line)
+    if found := _BUFFER_LINE.search(line):
+        _model_buffers.append(found[1])
     try:
         if _log is not None:
             _log.write(line)
@@ -107,23 +112,30 @@ class LlamaModel:
         vocab_only: bool = False,
         n_gpu_layers: int = 0,
         devices: Sequence[int] = (),
+        extra_buffers: bool = True,
     ) -> None:
         """`devices`: llama.cpp devices (ggml_backend_dev_t) to offload the
-        n_gpu_layers to, instead of every device the build has (the RPC servers)."""
+        n_gpu_layers to, instead of every device the build has (the RPC servers).
+        `extra_buffers`: let llama.cpp repack weights into its extra buffer types (AMX,
+        CPU_REPACK) where the CPU has kernels for them; they fault on some machines
+        (extra_buffers.py decides). `buffer_types` lists the buffers the weights got."""
         path = Path(path)
         check_gguf(path)  # what llama.cpp would abort on, reported as an error instead
         ensure_backend()
         params = L.llama_model_default_params()
         params.vocab_only = vocab_only
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_buffers
         if devices:  # a NULL-terminated array, alive until the load returns
             device_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
             params.devices = ctypes.cast(device_array, ctypes.c_void_p)
         params.progress_callback = _progress_callback
         _recent_log.clear()
+        _model_buffers.clear()
         self.path = path
         with interrupts.deferred():  # Ctrl-C stops the load, then is raised here
             self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        self.buffer_types = tuple(dict.fromkeys(_model_buffers))
         if not self.ptr:
             detail = recent_errors() or "no detail from llama.cpp"
             raise ModelFileError(

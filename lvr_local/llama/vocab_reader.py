@@ -196,6 +196,18 @@ def _write_cache(cache_file: Path, vocab: Vocabulary) -> None:
         tmp.unlink(missing_ok=True)  # a cache we cannot write only costs speed
 
 
+def check_cache_entry(cache_file: Path) -> str:
+    """What is wrong with one vocabulary cache entry ("" when it reads back whole): for
+    `lvr doctor`. A run never trips on a damaged entry (it rebuilds it)."""
+    if ".tmp" in cache_file.suffixes:
+        return "left over from an interrupted write"
+    try:
+        _read_cache(cache_file, cache_file, cache_file.stem)
+    except Exception as e:  # whatever numpy or the checks raise: damaged
+        return f"damaged ({type(e).__name__}: {e})"
+    return ""
+
+
 def _read_cache(cache_file: Path, path: Path, name: str) -> Vocabulary:
     """The cached vocabulary; raises (anything) when the entry is damaged."""
     with np.load(cache_file, allow_pickle=False) as data:

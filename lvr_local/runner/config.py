@@ -25,8 +25,8 @@ from lvr_local.runner.sources import resolve_source
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One [[model]] table. n_ctx, n_gpu_layers and rpc: None takes the run's settings;
-    role None: detected from the GGUF (roles.py)."""
+    """One [[model]] table. n_ctx, n_gpu_layers, rpc and extra_buffers: None takes the
+    run's settings; role None: detected from the GGUF (roles.py)."""
 
     name: str
     source: str
@@ -37,6 +37,7 @@ class ModelSpec:
     chat_template: str | None = None
     role: str | None = None
     rpc: tuple[str, ...] | None = None
+    extra_buffers: str | None = None
     base_dir: Path | None = field(default=None, compare=False)
 
     def resolve_path(self, *, assemble: bool = True) -> Path:
@@ -93,6 +94,7 @@ _MODEL_KEYS: dict[str, Check] = {
     "chat_template": ((str,), "a llama.cpp template name or a Jinja template", None),
     "role": ((str,), "one of " + ", ".join(ROLES), lambda v: v in ROLES),
     "rpc": SCHEMA["rpc"],
+    "extra_buffers": SCHEMA["extra_buffers"],
 }
 _TOP_KEYS = ("defaults", "model")
 

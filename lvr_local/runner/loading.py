@@ -55,6 +55,7 @@ def _backend(
     n_ctx = spec.n_ctx or settings.n_ctx
     layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else settings.n_gpu_layers
     servers = spec.rpc_servers(settings)
+    extra_buffers = spec.extra_buffers or settings.extra_buffers
     if servers:
         endpoints = [parse_endpoint(e) for e in servers]
         return IsolatedBackend(
@@ -64,9 +65,15 @@ def _backend(
             n_gpu_layers=layers or -1,
             n_threads=threads,
             n_seq_max=N_SEQ_MAX,
+            extra_buffers=extra_buffers,
         )
     return LlamaBackend(
-        path, n_ctx=n_ctx, n_gpu_layers=layers, n_threads=threads, n_seq_max=N_SEQ_MAX
+        path,
+        n_ctx=n_ctx,
+        n_gpu_layers=layers,
+        n_threads=threads,
+        n_seq_max=N_SEQ_MAX,
+        extra_buffers=extra_buffers,
     )
 
 

@@ -34,6 +34,7 @@ from lvr_local.core.sampling import SamplingParams
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.decoding.generation import Budget
 from lvr_local.errors import ConfigError
+from lvr_local.llama.extra_buffers import SETTINGS as EXTRA_BUFFERS
 from lvr_local.llama.rpc import is_endpoint
 
 NUMERICS = ("auto", "exact", "fast")
@@ -74,9 +75,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 class RunSettings:
     """Everything a run can be told. Models: n_ctx, n_gpu_layers, n_threads, rpc (the
     llama.cpp RPC servers, "host:port", that hold the models' offloaded layers; empty:
-    this machine), numerics (auto: exact for scoring, fast for generation;
-    docs/algorithm.md §8), precision (of the engine's full-vocabulary exp: float32, or
-    float64 for the last ~1e-7 nats; README, "Exactness"). Reduction
+    this machine), extra_buffers (llama.cpp's repacked weight layouts, AMX and CPU_REPACK:
+    auto = where a probe decode found them safe, llama/extra_buffers.py), numerics (auto:
+    exact for scoring, fast for generation; docs/algorithm.md §8), precision (of the
+    engine's full-vocabulary exp: float32, or float64 for the last ~1e-7 nats; README,
+    "Exactness"). Reduction
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), fresh_prune (generation, new branches: they cost a forward pass),
     text_prune (known text: scoring, forced prompt tails), max_branches,
@@ -89,6 +92,7 @@ class RunSettings:
     n_gpu_layers: int = 0
     n_threads: int = 0
     rpc: tuple[str, ...] = ()
+    extra_buffers: str = "auto"
     numerics: str = "auto"
     precision: str = "float32"
     sub_vocab: str = "auto"
@@ -227,6 +231,11 @@ SCHEMA: dict[str, Check] = {
         lambda v: 0 <= v <= 1024,
     ),
     "rpc": ((tuple, list), 'a list of "host:port" RPC servers', _endpoints),
+    "extra_buffers": (
+        (str,),
+        "one of " + ", ".join(EXTRA_BUFFERS),
+        lambda v: v in EXTRA_BUFFERS,
+    ),
     "numerics": ((str,), "one of " + ", ".join(NUMERICS), lambda v: v in NUMERICS),
     "precision": ((str,), "one of " + ", ".join(PRECISIONS), lambda v: v in PRECISIONS),
     "sub_vocab": ((str,), "one of auto, mcv, bytes, maxlen:K", SUB_VOCAB_PATTERN.match),
