@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from lvr_local import interrupts
 from lvr_local.cli.common import model_options, open_runner, sampling_options, settings_from
 from lvr_local.server.options import ServerOptions
 
@@ -56,4 +57,6 @@ def serve(
     options = ServerOptions(host, port, api_key or None, max_queue, max_body)
     settings = settings_from(ctx, kw)
     with open_runner(ctx, kw, settings) as runner:
-        run_server(runner, options)
+        stopped_by = run_server(runner, options)
+    if stopped_by is not None:  # the models are closed: exit 130 or 143
+        raise interrupts.Interrupted(stopped_by)
