@@ -275,6 +275,13 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], int, str | None, str]] = {
         None,
         "Content-Type: application/json",
     ),
+    "no body": ({"headers": AUTH}, 400, None, "the request has no body"),
+    "empty JSON body": (
+        {"content": b"", "headers": {**AUTH, "Content-Type": "application/json"}},
+        400,
+        None,
+        "the request has no body",
+    ),
     "missing key": ({"json": {"messages": HELLO}}, 401, None, "missing API key"),
     "wrong key": (
         {"json": {"messages": HELLO}, "headers": {"Authorization": "Bearer nope"}},
