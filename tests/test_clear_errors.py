@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from disks import make_read_only, small_disk
 
 LVR = [sys.executable, "-m", "lvr_local"]
 
@@ -95,3 +96,32 @@ def test_serve_refuses_an_empty_api_key(tmp_path: Path) -> None:
     code, err = lvr("serve", "--api-key", "", timeout=60)
     assert code == 2 and "loading" not in err, err
     assert "--api-key" in one_error_line(err) and "empty" in err
+
+
+def test_a_read_only_user_directory_is_read_and_warned_about_once(
+    smollm2_path: Path, tmp_path: Path
+) -> None:
+    """A read-only user directory used to be refused outright, even for `lvr paths`.
+    Now what is cached there is read, and one warning says nothing new is saved."""
+    with small_disk(tmp_path / "home", size="64m") as home:
+        env = {**os.environ, "LVR_HOME": str(home)}
+        cached = subprocess.run(
+            [*LVR, "vocab", "smollm2-135m"], env=env, capture_output=True, text=True
+        )
+        assert cached.returncode == 0, cached.stderr
+        entries = sorted((home / "cache" / "vocab").iterdir())
+        assert entries
+        make_read_only(home)
+        for args in (("paths",), ("vocab", "smollm2-135m")):
+            done = subprocess.run([*LVR, *args], env=env, capture_output=True, text=True)
+            assert done.returncode == 0, (args, done.stderr)
+            assert done.stderr.count("warning:") == 1 and "read-only" in done.stderr, done.stderr
+        assert sorted((home / "cache" / "vocab").iterdir()) == entries
+        done = subprocess.run(
+            [*LVR, "generate", "The cat", "--raw", "-m", "smollm2-135m", "--max-pieces", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
+        assert done.stderr.count("warning:") == 1, done.stderr

@@ -8,7 +8,6 @@ as its own process, and the disk fills while it works.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -17,11 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from disks import fill, small_disk
 
 from lvr_local.atomic import write_atomic
 from lvr_local.cli import cli
@@ -29,35 +28,6 @@ from lvr_local.errors import LvrError
 from lvr_local.evaluation.results import ResultLog
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "lvr_local" / "evaluation" / "examples"
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str = "256k", read_only: bool = False) -> Iterator[Path]:
-    """A tmpfs of `size` mounted on `folder` (the tests run as root); skipped, saying
-    why, where mounting is not allowed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    options = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    """Write into `folder` until its filesystem is full."""
-    with (folder / "filler").open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
 
 
 # ----------------------------------------------------------------- the helper
