@@ -303,3 +303,19 @@ async def test_a_bad_config_is_a_notification_not_a_crash(tmp_path: Path) -> Non
         chat(app).query_one(PromptBox).focus()
         await pilot.press("h", "i", "enter")
         assert any("no models" in n for n in seen)
+
+
+async def test_models_that_fail_to_load_are_named_at_every_message(tmp_path: Path) -> None:
+    """The config reads, but a model cannot be loaded: a message sent after the error
+    was shown says so, instead of 'the models are still loading' for ever."""
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[model]]\nname = "gone"\nsource = "{tmp_path / "gone.gguf"}"\n')
+    app = LvrApp(config)
+    seen = notifications(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: any("not found" in n for n in seen))
+        chat(app).query_one(PromptBox).focus()
+        await pilot.press("h", "i", "enter")
+        await pilot.pause(0.1)
+        assert "could not be loaded" in seen[-1] and "not found" in seen[-1], seen
+        assert not any("still loading" in n for n in seen), seen

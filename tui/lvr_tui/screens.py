@@ -125,6 +125,7 @@ class ChatScreen(Screen[None]):
         self.log_file: ConversationLog | None = None
         self.reply: AssistantMessage | None = None  # the reply being generated
         self.busy = False  # a worker holds the ensemble (loading, rebuilding, generating)
+        self.load_error: str | None = None  # why the models could not be loaded
 
     @property
     def lvr(self) -> LvrApp:
@@ -187,6 +188,8 @@ class ChatScreen(Screen[None]):
 
     def on_worker_failed(self, message: WorkerFailed) -> None:
         self.busy = False
+        if self.lvr.runner is not None and not self.lvr.runner.loaded:
+            self.load_error = message.error
         self.query_one(ModelPanel).show_progress(message.error, 0, 1)
         self.notify(message.error, title="Error", severity="error", timeout=10)
 
@@ -226,6 +229,8 @@ class ChatScreen(Screen[None]):
     def _cannot_send(self) -> str | None:
         if self.lvr.runner is None:
             return "no models: fix the configuration and restart"
+        if self.load_error is not None:
+            return f"the models could not be loaded ({self.load_error}): fix it and restart"
         if self.reply is not None:
             return "a reply is being generated: wait, or press Esc to stop it"
         if self.busy or not self.lvr.runner.loaded:
