@@ -148,9 +148,10 @@ class Ensemble:
         self._start(lambda m: self._chat_prompt(m, messages), chat=True)
 
     def _raw_prompt(self, member: Member, text: bytes) -> PreparedPrompt:
-        """Only the lossless method holds a tail back for the byte-level phase; the
-        naive baseline reads the whole prompt as its tokenizer splits it."""
-        hold_back = self.method == "lossless"
+        """The lossless method holds a tail back for the byte-level phase. The naive
+        baseline has none: it reads the whole prompt as its tokenizer splits it, except
+        over bytes, where its own states take the tail byte by byte."""
+        hold_back = self.method == "lossless" or self.sub.kind == "bytes"
         return prepare_raw(member.backend, member.vocab, text, hold_back=hold_back)
 
     def _chat_prompt(self, member: Member, messages: Sequence[Message]) -> PreparedPrompt:
