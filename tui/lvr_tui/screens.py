@@ -207,6 +207,7 @@ class ChatScreen(Screen[None]):
         text = message.text.rstrip("\n")
         self.history.append(ChatMessage("user", text))
         self._log().message("user", text)
+        self._report_log_error()
         conversation = self.query_one(Conversation)
         await conversation.mount(UserMessage(text))
         reply = AssistantMessage([m.name for m in self.lvr.model_infos()])
@@ -317,6 +318,14 @@ class ChatScreen(Screen[None]):
                 self.history.append(ChatMessage("assistant", message.text))
         if message.error:
             self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+        self._report_log_error()
+
+    def _report_log_error(self) -> None:
+        """A conversation that cannot be saved goes on; the user is told once."""
+        error = self.log_file.new_error() if self.log_file is not None else None
+        if error is not None:
+            message = f"{error}; the conversation goes on unsaved"
+            self.notify(message, severity="warning", timeout=10)
 
     # ------------------------------------------------------------- actions
 
