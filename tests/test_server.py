@@ -420,8 +420,8 @@ def test_a_signal_ends_the_streams_in_flight_with_done_and_the_exit_status(
     bundled_paths: dict[str, Path], shared_home: Path, tmp_path: Path, signum: int
 ) -> None:
     """A client streams a long reply; the server gets a real signal. The stream ends
-    with a finish reason and [DONE] long before its budget, a request arriving after is
-    refused, and the server exits 143 (SIGTERM) or 130 (SIGINT), no traceback."""
+    with a finish reason and [DONE] long before its budget (not cancelled after the
+    grace period), and the server exits 143 (SIGTERM) or 130 (SIGINT), no traceback."""
     env = serve_home(shared_home, tmp_path)
     live = start_server(env, tmp_path / "server.log", "-m", "smollm2-135m", "--greedy")
     body = {"messages": [{"role": "user", "content": "Tell me a very long story."}]}

@@ -252,7 +252,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     """The file at `path` (device, inode), or None when there is none."""
     try:
         st = path.stat()
-    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python 3.11)
+    except OSError:
         return None
     return st.st_dev, st.st_ino
 

@@ -87,8 +87,8 @@ class ResultLog:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            recorded = e
+        except (OSError, ValueError):  # unreadable, empty, cut short: not JSON
+            recorded = None
         if isinstance(recorded, dict):
             return recorded
         items = self.folder / ITEMS
@@ -292,7 +292,7 @@ def differences(
 ) -> list[tuple[str, str, str]]:
     """(key, old value, new value) for each value that differs, nested keys dotted
     (settings.temperature), values shown as JSON."""
-    found: list[tuple[str, ...]] = []
+    found: list[tuple[str, str, str]] = []
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key), new.get(key)
         if a == b:
