@@ -52,9 +52,7 @@ def test_output_to_a_full_device_is_one_error_line(smollm2_path: Path, args: tup
     assert one_error_line(err) == "Error: cannot write the output: No space left on device"
 
 
-def test_a_symbolic_link_loop_as_a_model_is_one_error_line(
-    smollm2_path: Path, tmp_path: Path
-) -> None:
+def test_a_symbolic_link_loop_as_a_model_is_one_error_line(tmp_path: Path) -> None:
     loop = tmp_path / "loop.gguf"
     loop.symlink_to(tmp_path / "other.gguf")
     (tmp_path / "other.gguf").symlink_to(loop)
