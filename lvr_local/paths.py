@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -36,10 +38,31 @@ def error_log() -> Path:
 
 
 def _ensure_dir(path: Path, what: str) -> Path:
+    """`path`, created if need be. One that cannot be written (a read-only filesystem or
+    folder) is still used: what is cached there is read, and a warning, once per run,
+    says that nothing new will be saved. Only a path that cannot be a folder at all (a
+    file is in the way) is an error."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LvrError(f"cannot create {what} {path}: {e.strerror or e}") from e
+        if not path.is_dir() and e.errno not in READ_ONLY_ERRORS:
+            raise LvrError(f"cannot create {what} {path}: {e.strerror or e}") from e
+        _warn_read_only(path)
+        return path
     if not os.access(path, os.W_OK):
-        raise LvrError(f"{what} {path} is not writable")
+        _warn_read_only(path)
     return path
+
+
+READ_ONLY_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM}
+_warned: list[Path] = []
+
+
+def _warn_read_only(path: Path) -> None:
+    if _warned:
+        return
+    _warned.append(path)
+    sys.stderr.write(
+        f"warning: {path} is read-only: lvr-local reads what is cached there "
+        "and saves nothing new (set LVR_HOME to move its files)\n"
+    )

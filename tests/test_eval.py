@@ -198,7 +198,7 @@ def test_a_results_folder_refuses_other_settings_and_resumes(tmp_path: Path) -> 
     again.close()
     # The record after the cut line starts a line of its own, so it is not lost.
     assert ResultLog(tmp_path, {"seed": 0}).has("mcv", "task", "8")
-    with pytest.raises(LvrError, match="differs in: seed"):
+    with pytest.raises(LvrError, match="seed: 0 there, 1 now"):
         ResultLog(tmp_path, {"seed": 1})
 
 
@@ -309,7 +309,7 @@ def test_gsm8k_format_runs_and_a_longer_rerun_only_adds_items(
     assert cold["cold"] and not warm["cold"]
     assert warm["prompt_tokens"] < cold["prompt_tokens"] / 3 and warm["cached_tokens"] > 150
     code, text = run(*args, "--limit", "3", "--output", str(out), "--seed", "5")
-    assert code == 1 and "differs in: seed" in text
+    assert code == 1 and "seed: 0 there, 5 now" in text
 
 
 @pytest.mark.slow

@@ -54,33 +54,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_home(shared_home: Path, home: Path) -> dict[str, str]:
+    """The environment of a server process: its own user directory, the shared caches."""
+    for shared in ("models", "cache"):
+        (home / shared).symlink_to(shared_home / shared, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("LVR_CONFIG", "LVR_API_KEY")}
+    env["LVR_HOME"] = str(home)
+    return env
+
+
+def start_server(env: dict[str, str], log: Path, *options: str) -> LiveServer:
+    port = free_port()
+    command = [sys.executable, "-m", "lvr_local.cli", "serve", "--port", str(port), *options]
+    with log.open("wb") as out:
+        process = subprocess.Popen([*command, "--api-key", KEY], stdout=out, stderr=out, env=env)
+    return LiveServer(f"http://127.0.0.1:{port}", log, process)
+
+
 @pytest.fixture(scope="module")
 def server(
     bundled_paths: dict[str, Path], shared_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """`python -m lvr_local.cli serve` on the models of the shipped models.toml; stopped
-    with SIGTERM at the end, which must shut it down cleanly (exit status 0)."""
+    with SIGTERM at the end, which must shut it down cleanly (exit status 143)."""
     home = tmp_path_factory.mktemp("serve-home")
-    for shared in ("models", "cache"):
-        (home / shared).symlink_to(shared_home / shared, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("LVR_CONFIG", "LVR_API_KEY")}
-    env["LVR_HOME"] = str(home)
-    port, log = free_port(), home / "server.log"
-    command = [sys.executable, "-m", "lvr_local.cli", "serve", "--port", str(port)]
-    command += ["--max-pieces", "8", "--max-queue", "2", "--max-body", str(MAX_BODY)]
-    command += ["--greedy", "--combine", "mean"]  # replies the tests can compare
-    with log.open("wb") as out:
-        process = subprocess.Popen([*command, "--api-key", KEY], stdout=out, stderr=out, env=env)
-    live = LiveServer(f"http://127.0.0.1:{port}", log, process)
+    env = serve_home(shared_home, home)
+    options = ["--max-pieces", "8", "--max-queue", "2", "--max-body", str(MAX_BODY)]
+    options += ["--greedy", "--combine", "mean"]  # replies the tests can compare
+    live = start_server(env, home / "server.log", *options)
     try:
         wait_until_ready(live)
         yield live
     finally:
-        process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=60)
-    text = log.read_text(encoding="utf-8", errors="replace")
-    assert status == 0, text[-2000:]
+        live.process.send_signal(signal.SIGTERM)
+        status = live.process.wait(timeout=60)
+    text = live.log.read_text(encoding="utf-8", errors="replace")
+    assert status == 128 + signal.SIGTERM, text[-2000:]
     assert "Application shutdown complete" in text and "stopped by SIGTERM" in text
+    assert "Traceback" not in text, text[-4000:]
 
 
 def wait_until_ready(live: LiveServer, timeout_s: float = 180.0) -> None:
@@ -283,6 +294,13 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], int, str | None, str]] = {
         None,
         "Content-Type: application/json",
     ),
+    "no body": ({"headers": AUTH}, 400, None, "the request has no body"),
+    "empty JSON body": (
+        {"content": b"", "headers": {**AUTH, "Content-Type": "application/json"}},
+        400,
+        None,
+        "the request has no body",
+    ),
     "missing key": ({"json": {"messages": HELLO}}, 401, None, "missing API key"),
     "wrong key": (
         {"json": {"messages": HELLO}, "headers": {"Authorization": "Bearer nope"}},
@@ -411,6 +429,43 @@ def test_a_client_that_hangs_up_frees_the_ensemble_within_a_piece(server: LiveSe
     lines = server.log_lines()[before:]
     hang_up = next(line for line in lines if line[1] == "/v1/chat/completions")
     assert hang_up[3] < 20, hang_up  # it stopped long before its 300 pieces
+
+
+# ----------------------------------------------------------------- shutting down
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_streams_in_flight_with_done_and_the_exit_status(
+    bundled_paths: dict[str, Path], shared_home: Path, tmp_path: Path, signum: int
+) -> None:
+    """A client streams a long reply; the server gets a real signal. The stream ends
+    with a finish reason and [DONE] long before its budget (not cancelled after the
+    grace period), and the server exits 143 (SIGTERM) or 130 (SIGINT), no traceback."""
+    env = serve_home(shared_home, tmp_path)
+    live = start_server(env, tmp_path / "server.log", "-m", "smollm2-135m", "--greedy")
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}]}
+    body |= {"max_tokens": 5000, "stream": True}
+    lines: list[str] = []
+    try:
+        wait_until_ready(live)
+        url = f"{live.url}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, headers=AUTH, timeout=60) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 6:  # the role chunk and a few pieces: it is streaming
+                    live.process.send_signal(signum)
+        status = live.process.wait(timeout=60)
+    finally:
+        if live.process.poll() is None:
+            live.process.kill()
+    log = live.log.read_text(encoding="utf-8", errors="replace")
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert [line for line in lines if line][-1] == "data: [DONE]", lines[-4:]
+    assert finish == ["stop"], finish
+    assert len(events) < 100, len(events)  # ended by the signal, not by its 5000 pieces
+    assert status == 128 + signum, log[-2000:]
+    assert "Traceback" not in log and "CancelledError" not in log, log[-4000:]
 
 
 # ----------------------------------------------------------------- fuzzing

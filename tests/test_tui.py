@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from disks import small_disk
 from lvr_tui.app import LvrApp
 from lvr_tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
 from lvr_tui.transcript import ConversationLog, conversations_dir, read_conversation
@@ -303,3 +304,37 @@ async def test_a_bad_config_is_a_notification_not_a_crash(tmp_path: Path) -> Non
         chat(app).query_one(PromptBox).focus()
         await pilot.press("h", "i", "enter")
         assert any("no models" in n for n in seen)
+
+
+async def test_models_that_fail_to_load_are_named_at_every_message(tmp_path: Path) -> None:
+    """The config reads, but a model cannot be loaded: a message sent after the error
+    was shown says so, instead of 'the models are still loading' for ever."""
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[model]]\nname = "gone"\nsource = "{tmp_path / "gone.gguf"}"\n')
+    app = LvrApp(config)
+    seen = notifications(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: any("not found" in n for n in seen))
+        chat(app).query_one(PromptBox).focus()
+        await pilot.press("h", "i", "enter")
+        await pilot.pause(0.1)
+        assert "could not be loaded" in seen[-1] and "not found" in seen[-1], seen
+        assert not any("still loading" in n for n in seen), seen
+
+
+async def test_a_conversation_that_cannot_be_saved_goes_on_and_says_so(
+    config_file: Path, isolated_home: Path, tmp_path: Path
+) -> None:
+    """The conversations folder is on a read-only filesystem (a real tmpfs): the first
+    message used to crash the app. Now the reply comes, and one warning says why the
+    conversation is not saved."""
+    with small_disk(isolated_home / "conversations", read_only=True):
+        app = LvrApp(config_file, max_pieces=3)
+        seen = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_loaded(pilot, app)
+            first = await send(pilot, app, "Hi")
+            second = await send(pilot, app, "Again")
+            assert first.text and second.text
+            warnings = [n for n in seen if "cannot save this conversation" in n]
+            assert len(warnings) == 1 and "Read-only file system" in warnings[0], seen

@@ -9,6 +9,9 @@ after printing what was produced (lvr_local/interrupts.py).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,12 @@ for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
 def main() -> None:
     interrupts.install()
     crash_report.install()  # a fatal signal in llama.cpp: the stack in llama.log
-    sys.exit(run_cli())
+    status = run_cli()
+    try:
+        sys.stdout.flush()
+    except OSError as e:  # the output's last bytes could not be written either
+        status = _environment_error(e)
+    sys.exit(status)
 
 
 def run_cli(args: list[str] | None = None) -> int:
@@ -89,6 +97,8 @@ def run_cli(args: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         return _interrupted(e)
+    except OSError as e:
+        return _environment_error(e)
     except Exception as e:  # a bug, InternalError among them
         return _internal_error(e, sys.argv[1:] if args is None else args)
     return result if isinstance(result, int) else 0
@@ -117,6 +127,36 @@ def _internal_error(error: Exception, args: list[str]) -> int:
         err=True,
     )
     return 1
+
+
+def _environment_error(error: OSError) -> int:
+    """What the system refused, a full disk or a closed pipe most often (`lvr generate
+    hi > /dev/full`): one Error: line, exit 1. An error with no file name is a write to
+    the output; what is left of it is dropped, so that the interpreter's own flush at
+    exit does not fail again."""
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        message = f"{error.filename}: {reason}"
+    elif error.errno in OUTPUT_ERRORS:
+        message = f"cannot write the output: {reason}"
+        _drop_output()
+    else:
+        message = reason
+    with contextlib.suppress(OSError):
+        click.echo(f"Error: {message}", err=True)
+    return 1
+
+
+# Errors of a write: a full disk, a quota, a closed pipe, an I/O error, a file too big.
+OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBIG}
+
+
+def _drop_output() -> None:
+    """Point stdout at /dev/null, discarding what it still holds."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _interrupted(error: KeyboardInterrupt) -> int:

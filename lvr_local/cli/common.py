@@ -262,19 +262,28 @@ def settings_from(ctx: click.Context, kw: dict[str, Any], **fixed: Any) -> RunSe
 def open_runner(
     ctx: click.Context, kw: dict[str, Any], settings: RunSettings, **runner_options: Any
 ) -> Iterator[Runner]:
-    """Load the models (progress on stderr) and always free them."""
+    """Load the models (progress on stderr) and always free them. A step that fails
+    ends its progress line, so that the error starts a line of its own."""
     runner = Runner(model_specs(ctx, kw["models"], kw["weights"]), settings, **runner_options)
     started = [time.perf_counter()]
+    mid_line = [False]
 
     def progress(label: str, done: int, total: int) -> None:
         if done:
             click.echo(f" {time.perf_counter() - started[0]:.1f} s", err=True)
         if done < total:
             click.echo(f"{label} ...", err=True, nl=False)
+        mid_line[0] = done < total
         started[0] = time.perf_counter()
 
     try:
-        yield runner.load(progress)
+        try:
+            loaded = runner.load(progress)
+        except Exception:
+            if mid_line[0]:
+                click.echo(" failed", err=True)
+            raise
+        yield loaded
     finally:
         runner.close()
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from lvr_local import interrupts, strict_json
+from lvr_local.atomic import write_atomic
 from lvr_local.cli.common import (
     echo_json,
     model_options,
@@ -21,6 +22,7 @@ from lvr_local.cli.common import (
     settings_from,
 )
 from lvr_local.core.chat import Message
+from lvr_local.core.combine import check_weights
 from lvr_local.errors import LvrError
 from lvr_local.runner.run import Run, Runner
 from lvr_local.text import utf8_bytes, utf8_text
@@ -125,7 +127,7 @@ def chat(ctx: click.Context, system: str | None, **kw: Any) -> None:
     """A conversation in the terminal. Commands: /reset /weights W.. /save FILE /quit."""
     settings = settings_from(ctx, kw)
     with open_runner(ctx, kw, settings) as runner:
-        history: list[Message] = [Message("system", system)] if system else []
+        session = ChatSession(system)
         click.echo("Type a message; /reset /weights W.. /save FILE /quit.", err=True)
         while True:
             try:
@@ -135,11 +137,27 @@ def chat(ctx: click.Context, system: str | None, **kw: Any) -> None:
                 _leave_on_sigterm(e.__context__)
                 return
             if line.startswith("/"):
-                if not chat_command(line, runner, history, system):
+                if not chat_command(line, runner, session):
                     return
                 continue
             if line.strip():
-                chat_turn(runner, history, line)
+                chat_turn(runner, session.history, line)
+
+
+class ChatSession:
+    """One conversation of `lvr chat`: its messages, and the files it saved them to
+    (by inode, so that a file replaced since by someone else no longer counts)."""
+
+    def __init__(self, system: str | None) -> None:
+        self.system = system
+        self.history: list[Message] = []
+        self.written: set[tuple[int, int]] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """A new conversation: no messages yet, and no file of its own."""
+        self.history[:] = [Message("system", self.system)] if self.system else []
+        self.written.clear()
 
 
 def _leave_on_sigterm(error: BaseException | None) -> None:
@@ -170,37 +188,73 @@ def chat_turn(runner: Runner, history: list[Message], line: str) -> None:
         click.echo(f"[error: {ended}; the reply so far is kept]", err=True)
 
 
-def chat_command(line: str, runner: Runner, history: list[Message], system: str | None) -> bool:
+CHAT_COMMANDS = "[commands: /reset, /weights W1 W2 .., /save FILE [--force], /quit]"
+
+
+def chat_command(line: str, runner: Runner, session: ChatSession) -> bool:
     """Handle a /command; False means leave the chat."""
     name, *args = line.split()
     if name in ("/quit", "/exit"):
         return False
     if name == "/reset":
-        history[:] = [Message("system", system)] if system else []
+        session.reset()
         click.echo("[conversation cleared]", err=True)
     elif name == "/weights":
         if args:
-            try:
-                runner.set_weights([float(a) for a in args])
-            except (ValueError, LvrError) as e:
-                click.echo(f"[{e}]", err=True)
+            set_weights(runner, args)
         names = ", ".join(f"{m.name}={m.weight:g}" for m in runner.members)
         click.echo(f"[weights: {names}]", err=True)
-    elif name == "/save" and args:
-        save_history(history, Path(args[0]))
+    elif name == "/save" and len([a for a in args if a != "--force"]) == 1:
+        force = "--force" in args
+        save_history(session, Path(next(a for a in args if a != "--force")), force=force)
     else:
-        click.echo("[commands: /reset, /weights W1 W2 .., /save FILE, /quit]", err=True)
+        click.echo(CHAT_COMMANDS, err=True)
     return True
 
 
-def save_history(history: list[Message], path: Path) -> None:
-    record = [{"role": m.role, "content": m.content} for m in history]
+def set_weights(runner: Runner, args: list[str]) -> None:
+    """/weights: checked against the combination rule now, not at every turn after."""
     try:
-        path.write_text(strict_json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        click.echo(f"[cannot save to {path}: {e.strerror or e}]", err=True)
+        weights = [float(a) for a in args]
+        check_weights(runner.settings.for_mode("chat").combine or "", weights)
+        runner.set_weights(weights)
+    except ValueError:
+        click.echo(f"[weights must be numbers, got {' '.join(args)}; unchanged]", err=True)
+    except LvrError as e:
+        click.echo(f"[{e}; weights unchanged]", err=True)
+
+
+def save_history(session: ChatSession, path: Path, force: bool = False) -> None:
+    """/save: the conversation as a JSON list of messages, written whole or not at all.
+    A file this conversation did not write is only replaced with --force."""
+    existing = _identity(path)
+    if existing is not None and existing not in session.written and not force:
+        click.echo(
+            f"[not saved: {path} exists and this conversation did not write it; "
+            f"/save {path} --force replaces it]",
+            err=True,
+        )
         return
-    click.echo(f"[saved {len(history)} messages to {path}]", err=True)
+    record = [{"role": m.role, "content": m.content} for m in session.history]
+    try:
+        write_atomic(path, strict_json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        kept = f"{path} is unchanged" if existing is not None else "nothing was written"
+        click.echo(f"[cannot save to {path}: {e.strerror or e}; {kept}]", err=True)
+        return
+    identity = _identity(path)
+    if identity is not None:
+        session.written.add(identity)
+    click.echo(f"[saved {len(session.history)} messages to {path}]", err=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (device, inode), or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 @click.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from lvr_local.errors import LvrError
 from lvr_local.llama.rpc import module_path, parse_endpoint, rpc_backend, serve
 from lvr_local.llama.rpc_build import build_rpc_module
 from lvr_local.machine import physical_cores
@@ -47,7 +48,10 @@ def rpc_server(host: str, port: int, threads: int | None, cache: Path | None) ->
     backend (models.toml there: rpc = ["THIS-HOST:PORT"]). Runs until Ctrl-C."""
     endpoint = parse_endpoint(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LvrError(f"cannot create the --cache folder {cache}: {e.strerror or e}") from e
     origin = rpc_backend().origin  # a build without RPC: the error, before any warning
     click.echo(f"lvr rpc-server on {endpoint} (RPC backend: {origin}). {WARNING}", err=True)
     # The server blocks in C, where Python's signal handlers never run: let Ctrl-C and

@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from lvr_local import interrupts
 from lvr_local.cli.common import model_options, open_runner, sampling_options, settings_from
-from lvr_local.server.options import ServerOptions
+from lvr_local.server.options import ServerOptions, check_address
 
 # The server itself (FastAPI, uvicorn) is only imported when the command runs.
 DEFAULTS = ServerOptions()
@@ -53,7 +54,15 @@ def serve(
     decoding options set each request's defaults; a request may override them."""
     from lvr_local.server.app import serve as run_server
 
-    options = ServerOptions(host, port, api_key or None, max_queue, max_body)
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter(
+            "the key is empty: give a key, or leave out --api-key to serve without one",
+            param_hint="--api-key",
+        )
+    options = ServerOptions(host, port, api_key, max_queue, max_body)
     settings = settings_from(ctx, kw)
+    check_address(host, port)
     with open_runner(ctx, kw, settings) as runner:
-        run_server(runner, options)
+        stopped_by = run_server(runner, options)
+    if stopped_by is not None:  # the models are closed: exit 130 or 143
+        raise interrupts.Interrupted(stopped_by)

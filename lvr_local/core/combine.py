@@ -111,9 +111,18 @@ def _rule(logq: np.ndarray, w: np.ndarray, rule: str) -> np.ndarray:
     raise LvrError(f"unknown combination rule '{rule}': expected one of {', '.join(RULES)}")
 
 
+def check_weights(rule: str, weights: Sequence[float]) -> None:
+    """Refuse weights `rule` cannot combine with, so that a front end can say so when
+    they are set rather than at every piece after."""
+    w = np.asarray(weights, dtype=np.float64)
+    if rule in ("mean", "bayes") and (np.any(w < 0) or w.sum() <= 0):
+        raise LvrError(f"the {rule} rule needs non-negative weights with a positive sum")
+    if rule == "max" and np.any(w < 0):
+        raise LvrError("the max rule needs non-negative weights")
+
+
 def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
-    if np.any(w < 0) or w.sum() <= 0:
-        raise LvrError("the mean rule needs non-negative weights with a positive sum")
+    check_weights("mean", w)
     active = w > 0
     rows = logq[active]
     if len(rows) == 1:  # one model: its own distribution (rows are normalised)
@@ -153,8 +162,7 @@ def _product(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _max(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
-    if np.any(w < 0):
-        raise LvrError("the max rule needs non-negative weights")
+    check_weights("max", w)
     active = w > 0
     with np.errstate(divide="ignore"):
         scaled = logq[active] + np.log(w[active])[:, None]

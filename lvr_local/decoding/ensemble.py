@@ -137,7 +137,7 @@ class Ensemble:
         """Condition every enabled member on a raw prompt (may end mid-token). `known`:
         text known to follow the prompt (a scored text), for pruning the forced tail."""
         self._known = known
-        self._start(lambda m: prepare_raw(m.backend, m.vocab, text), chat=False)
+        self._start(lambda m: self._raw_prompt(m, text), chat=False)
 
     def start_chat(self, messages: Sequence[Message]) -> None:
         """Condition every enabled member on a conversation in its own format: a chat
@@ -145,11 +145,16 @@ class Ensemble:
         self._known = b""
         self._start(lambda m: self._chat_prompt(m, messages), chat=True)
 
-    @staticmethod
-    def _chat_prompt(member: Member, messages: Sequence[Message]) -> PreparedPrompt:
+    def _raw_prompt(self, member: Member, text: bytes) -> PreparedPrompt:
+        """The lossless method holds a tail back for the byte-level phase. The naive
+        baseline has none: it reads the whole prompt as its tokenizer splits it, except
+        over bytes, where its own states take the tail byte by byte."""
+        hold_back = self.method == "lossless" or self.sub.kind == "bytes"
+        return prepare_raw(member.backend, member.vocab, text, hold_back=hold_back)
+
+    def _chat_prompt(self, member: Member, messages: Sequence[Message]) -> PreparedPrompt:
         if member.role == "base":
-            text = format_transcript(messages).encode("utf-8")
-            return prepare_raw(member.backend, member.vocab, text)
+            return self._raw_prompt(member, format_transcript(messages).encode("utf-8"))
         parts = chat_parts(member.chat_template, messages, model=member.name)
         return prepare_chat(member.backend, parts)
 

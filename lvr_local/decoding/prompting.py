@@ -43,12 +43,18 @@ class PreparedPrompt:
     tail: bytes  # then forced byte by byte through the reduction engine
 
 
-def prepare_raw(tokenizer: Tokenizer, vocab: Vocabulary, text: bytes) -> PreparedPrompt:
-    """Split a raw prompt into backend tokens and a forced tail (see module docstring)."""
+def prepare_raw(
+    tokenizer: Tokenizer, vocab: Vocabulary, text: bytes, hold_back: bool = True
+) -> PreparedPrompt:
+    """Split a raw prompt into backend tokens and a forced tail (see module docstring).
+    With `hold_back=False` the whole prompt is tokens, as the model's tokenizer splits
+    it: the naive baseline has no byte-level phase to force a tail through."""
     tokens = tokenizer.tokenize(text, True, False)
     n_special = _leading_specials(tokens, vocab)
     expected = _rendered_text(vocab, text)
     start = tokens[:n_special] or _start_token(vocab)
+    if not hold_back:
+        return PreparedPrompt(start + tokens[n_special:], b"")
     cut = _whitespace_cut(expected)
     if cut is None:  # no space near the end: cut one token back, as close as possible
         return _cut_tokens(tokens, vocab, n_special, expected, start)

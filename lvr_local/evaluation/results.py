@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from lvr_local.atomic import write_atomic
 from lvr_local.errors import LvrError
 from lvr_local.strict_json import end_torn_line
 
@@ -51,9 +53,12 @@ class ResultLog:
         except OSError as e:
             raise LvrError(f"cannot create the output folder {folder}: {e.strerror or e}") from e
         self._check_fingerprint(fingerprint)
-        self._file = (folder / ITEMS).open("a+", encoding="utf-8")
-        with locked(self._file, fcntl.LOCK_EX):
-            self._read()
+        try:
+            self._file = (folder / ITEMS).open("a+", encoding="utf-8")
+            with locked(self._file, fcntl.LOCK_EX):
+                self._read()
+        except OSError as e:
+            raise LvrError(f"cannot write to {folder / ITEMS}: {e.strerror or e}") from e
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -62,20 +67,44 @@ class ResultLog:
 
     def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         path = self.folder / RUN
-        if path.exists():
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-            differ = sorted(
-                k
-                for k in fingerprint.keys() | recorded.keys()
-                if fingerprint.get(k) != recorded.get(k)
+        recorded = self._recorded_fingerprint(path)
+        if recorded is None:
+            self._write(path, fingerprint)
+            return
+        differ = differences(recorded, fingerprint)
+        if differ:
+            details = "; ".join(f"{k}: {old} there, {new} now" for k, old, new in differ)
+            raise LvrError(
+                f"{self.folder} holds results made with other settings ({details}): "
+                "rerun with the same options, or another --output"
             )
-            if differ:
-                raise LvrError(
-                    f"{self.folder} holds results made with other settings (differs in: "
-                    f"{', '.join(differ)}): rerun with the same options, or another --output"
-                )
-        else:
-            path.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
+
+    def _recorded_fingerprint(self, path: Path) -> dict[str, Any] | None:
+        """run.json's fingerprint; None when there is none yet. A damaged one (left by
+        a version that wrote it in place, or edited by hand) is rebuilt when no result
+        depends on it, and refused otherwise: which settings made those is unknown."""
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # unreadable, empty, cut short: not JSON
+            recorded = None
+        if isinstance(recorded, dict):
+            return recorded
+        items = self.folder / ITEMS
+        if not items.exists() or items.stat().st_size == 0:
+            return None
+        raise LvrError(
+            f"{path} is damaged, so the settings of the results in {self.folder} are "
+            "unknown: give another --output, or delete the folder to start again"
+        )
+
+    def _write(self, path: Path, record: dict[str, Any]) -> None:
+        """A whole file, atomically; a failure names the file and keeps the items."""
+        try:
+            write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise LvrError(f"cannot write {path}: {e.strerror or e}") from e
 
     def _read(self) -> None:
         """The records so far; a last line cut short by a hard kill is skipped (that item
@@ -93,9 +122,19 @@ class ResultLog:
         return (system, view, item_id) in self._records
 
     def append(self, record: dict[str, Any]) -> None:
-        with locked(self._file, fcntl.LOCK_EX):
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._file.flush()
+        """One finished item, on a line of its own. A failed write (a full disk) is
+        reported; the items before it stay, and a torn last line is redone on rerun."""
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            with locked(self._file, fcntl.LOCK_EX):
+                data = line.encode("utf-8")
+                while data:  # a short write (the disk filling up) is followed by an error
+                    data = data[os.write(self._file.fileno(), data) :]
+        except OSError as e:
+            raise LvrError(
+                f"cannot write to {self.folder / ITEMS}: {e.strerror or e}; the "
+                f"{len(self._records)} results before it are kept, rerun to continue"
+            ) from e
         self._records[key_of(record)] = record
 
     def close(self) -> None:
@@ -103,7 +142,7 @@ class ResultLog:
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.folder / SUMMARY
-        path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        self._write(path, summary)
         return path
 
 
@@ -246,3 +285,26 @@ def system_figures(
             "later": float(np.mean(warm)) if warm else None,
         },
     }
+
+
+def differences(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, str, str]]:
+    """(key, old value, new value) for each value that differs, nested keys dotted
+    (settings.temperature), values shown as JSON."""
+    found: list[tuple[str, str, str]] = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        else:
+            found.append((f"{prefix}{key}", _shown(a), _shown(b)))
+    return found
+
+
+def _shown(value: Any) -> str:
+    """A fingerprint value in an error message: JSON, cut short when long."""
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 200 else text[:197] + "..."

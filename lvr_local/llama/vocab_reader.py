@@ -12,6 +12,7 @@ cached on disk, keyed by the file's identity (path, size, modification time).
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from lvr_local.core.vocabulary import (
     USER_DEFINED,
     Vocabulary,
 )
-from lvr_local.errors import UnsupportedTokenizerError
+from lvr_local.errors import ModelFileError, UnsupportedTokenizerError
 from lvr_local.llama.native import LlamaModel
 from lvr_local.paths import cache_dir
 
@@ -45,7 +46,10 @@ CACHE_FORMAT = 3
 
 def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
     """The vocabulary of a GGUF file, from the disk cache when the file is unchanged."""
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # Python 3.11 raises RuntimeError on a link loop
+        raise ModelFileError(f"cannot open the model file {path}: {_resolve_error(e)}") from e
     name = name or path.stem
     cache_file = _cache_file(path)
     if cache_file is not None and cache_file.exists():
@@ -57,6 +61,12 @@ def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
     if cache_file is not None:
         _write_cache(cache_file, vocab)
     return vocab
+
+
+def _resolve_error(error: Exception) -> str:
+    if isinstance(error, RuntimeError) or getattr(error, "errno", None) == errno.ELOOP:
+        return "its symbolic links form a loop"
+    return str(getattr(error, "strerror", None) or error)
 
 
 def _attr_to_type(attr: int) -> int:

@@ -1,8 +1,11 @@
 """The FastAPI application over one runner, and `serve`, which runs it with uvicorn.
 
-uvicorn handles SIGINT and SIGTERM: it stops accepting connections, lets running
-responses finish (cancelling them after GRACE_S), and runs the lifespan's end, which
-stops the worker thread; the caller then closes the runner, with no decode in flight.
+uvicorn handles SIGINT and SIGTERM: it stops accepting connections and waits for the
+running responses. Before it waits, `Server.shutdown` stops the worker: the generation
+in flight ends within a piece, so a stream closes with its finish reason and `[DONE]`
+and a whole reply is sent with what it has; requests still waiting get a 503. Then the
+lifespan's end joins the worker thread, and the caller closes the runner, with no decode
+in flight, and exits 130 or 143 like every command that a signal stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import copy
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -61,10 +65,12 @@ def create_app(runner: Runner, options: ServerOptions) -> FastAPI:
     return app
 
 
-def serve(runner: Runner, options: ServerOptions) -> None:
-    """Serve until SIGINT or SIGTERM; returns once the worker has stopped."""
+def serve(runner: Runner, options: ServerOptions) -> int | None:
+    """Serve until SIGINT or SIGTERM; returns, once the worker has stopped, the signal
+    that stopped it."""
+    app = create_app(runner, options)
     config = uvicorn.Config(
-        create_app(runner, options),
+        app,
         host=options.host,
         port=options.port,
         access_log=False,  # RequestLog writes one line per request, with its pieces
@@ -74,9 +80,24 @@ def serve(runner: Runner, options: ServerOptions) -> None:
     if options.api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: whoever reaches it may use it", options.host)
     with _signals_kept() as received:
-        uvicorn.Server(config).run()
-    if received:
-        log.info("stopped by %s", signal.Signals(received[0]).name)
+        Server(config, app.state.lvr.worker).run()
+    if not received:
+        return None
+    log.info("stopped by %s", signal.Signals(received[0]).name)
+    return received[0]
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which ends the generations in flight as soon as it starts to
+    shut down, rather than letting them run into the grace period and be cancelled."""
+
+    def __init__(self, config: uvicorn.Config, worker: GenerationWorker) -> None:
+        super().__init__(config)
+        self.worker = worker
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.worker.stop()
+        await super().shutdown(sockets)
 
 
 @contextlib.contextmanager

@@ -83,6 +83,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     param = ".".join(p for p in path if p not in ("str", "int", "float", "bool")) or None
     if kind == "json_invalid":
         return ApiError(400, f"the body is not valid JSON: {first.get('msg', '')}")
+    if kind == "missing" and param is None:  # no body at all
+        return ApiError(400, "the request has no body: send a JSON object")
     if kind == "missing":
         return ApiError(400, f"missing required field '{param}'", param=param)
     if kind == "extra_forbidden":

@@ -169,14 +169,20 @@ class GenerationWorker:
         except Exception as e:  # a bug, InternalError among them
             job.push(Failed(internal_error(e, "in a generation").message, 500))
 
-    def close(self) -> None:
-        """Refuse new jobs, cancel the others, and wait for the thread: after this, the
-        runner is free to be closed."""
+    def stop(self) -> None:
+        """Refuse new jobs and end the others without waiting: the running one stops
+        within a piece (its stream ends with a finish reason and [DONE]), the waiting
+        ones are answered 503."""
         with self._lock:
             self._closed = True
             running = self._running
         if running is not None:
             running.cancel()
+
+    def close(self) -> None:
+        """Stop, and wait for the thread: after this, the runner is free to be closed."""
+        running = self._running
+        self.stop()
         self._queue.put(None)
         if running is not None:
             log.info("waiting for the current generation to stop")

@@ -125,6 +125,7 @@ class ChatScreen(Screen[None]):
         self.log_file: ConversationLog | None = None
         self.reply: AssistantMessage | None = None  # the reply being generated
         self.busy = False  # a worker holds the ensemble (loading, rebuilding, generating)
+        self.load_error: str | None = None  # why the models could not be loaded
 
     @property
     def lvr(self) -> LvrApp:
@@ -187,6 +188,8 @@ class ChatScreen(Screen[None]):
 
     def on_worker_failed(self, message: WorkerFailed) -> None:
         self.busy = False
+        if self.lvr.runner is not None and not self.lvr.runner.loaded:
+            self.load_error = message.error
         self.query_one(ModelPanel).show_progress(message.error, 0, 1)
         self.notify(message.error, title="Error", severity="error", timeout=10)
 
@@ -204,6 +207,7 @@ class ChatScreen(Screen[None]):
         text = message.text.rstrip("\n")
         self.history.append(ChatMessage("user", text))
         self._log().message("user", text)
+        self._report_log_error()
         conversation = self.query_one(Conversation)
         await conversation.mount(UserMessage(text))
         reply = AssistantMessage([m.name for m in self.lvr.model_infos()])
@@ -226,6 +230,8 @@ class ChatScreen(Screen[None]):
     def _cannot_send(self) -> str | None:
         if self.lvr.runner is None:
             return "no models: fix the configuration and restart"
+        if self.load_error is not None:
+            return f"the models could not be loaded ({self.load_error}): fix it and restart"
         if self.reply is not None:
             return "a reply is being generated: wait, or press Esc to stop it"
         if self.busy or not self.lvr.runner.loaded:
@@ -312,6 +318,14 @@ class ChatScreen(Screen[None]):
                 self.history.append(ChatMessage("assistant", message.text))
         if message.error:
             self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+        self._report_log_error()
+
+    def _report_log_error(self) -> None:
+        """A conversation that cannot be saved goes on; the user is told once."""
+        error = self.log_file.new_error() if self.log_file is not None else None
+        if error is not None:
+            message = f"{error}; the conversation goes on unsaved"
+            self.notify(message, severity="warning", timeout=10)
 
     # ------------------------------------------------------------- actions
 

@@ -9,6 +9,7 @@ edited by hand, a field of the wrong type) is skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -22,8 +23,11 @@ from lvr_local.paths import user_dir
 
 
 def conversations_dir() -> Path:
+    """The folder of saved conversations; made when missing, if it can be (a read-only
+    user directory is still read)."""
     path = user_dir() / "conversations"
-    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -60,21 +64,40 @@ class SavedConversation:
 
 
 class ConversationLog:
-    """Appends records to one conversation file; the file is created at the first write."""
+    """Appends records to one conversation file; the file is created at the first write.
+    A write that fails (a full disk, a read-only folder) never ends the conversation:
+    the first failure is kept for the screen to show (`new_error`), and later records
+    are still tried."""
 
     def __init__(self, path: Path | None = None, header: dict[str, Any] | None = None) -> None:
         self.path = path or _new_path()
         self._header = header
         self._file: IO[str] | None = None
+        self._error: str | None = None
+        self._error_shown = False
 
     def append(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            fresh = not self.path.exists()
-            self._file = self.path.open("a+", encoding="utf-8")  # readable: see end_torn_line
-            if fresh and self._header is not None:
-                self._write(self._header)
-            strict_json.end_torn_line(self._file)  # a reopened file torn by a crash
-        self._write(record)
+        try:
+            if self._file is None:
+                self._open()
+            self._write(record)
+        except OSError as e:
+            if self._error is None:
+                self._error = f"cannot save this conversation to {self.path}: {e.strerror or e}"
+
+    def _open(self) -> None:
+        fresh = not self.path.exists()
+        self._file = self.path.open("a+", encoding="utf-8")  # readable: see end_torn_line
+        if fresh and self._header is not None:
+            self._write(self._header)
+        strict_json.end_torn_line(self._file)  # a reopened file torn by a crash
+
+    def new_error(self) -> str | None:
+        """The first failed write, once (then None): for the screen to say so."""
+        if self._error is None or self._error_shown:
+            return None
+        self._error_shown = True
+        return self._error
 
     def message(self, role: str, content: str, **extra: Any) -> None:
         self.append({"type": "message", "role": role, "content": content, "time": _now(), **extra})
@@ -97,7 +120,8 @@ class ConversationLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # what a full disk refused stays unwritten
+                self._file.close()
             self._file = None
 
 
