@@ -42,7 +42,11 @@ class FoundModel:
         return role_from_metadata(s.has_chat_template, s.finetune, s.name) if s else None
 
     def as_record(self) -> dict[str, Any]:
+        header = self.summary.as_record() if self.summary else {}
+        if header:
+            header["model_name"] = header.pop("name")  # general.name, not the store's
         return {
+            **header,
             "name": self.names[0],
             "also": self.names[1:],
             "store": self.store,
@@ -50,7 +54,6 @@ class FoundModel:
             "size": self.size,
             "role": self.role,
             "problem": self.problem,
-            **(self.summary.as_record() if self.summary else {}),
         }
 
 
