@@ -136,6 +136,9 @@ def test_ollama_store(home: Path, bundled_paths: dict[str, Path]) -> None:
         resolve_source("ollama:smollm2:1b")
     with pytest.raises(ModelFileError, match="damaged manifest"):
         resolve_source("ollama:broken")
+    for bad in ("ollama:../../etc:passwd", "ollama:", "ollama:a//b"):
+        with pytest.raises(ModelFileError, match="not an Ollama model name"):
+            resolve_source(bad)
 
 
 def test_ollama_models_moved_by_the_environment(

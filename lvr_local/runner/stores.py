@@ -126,12 +126,17 @@ def _ollama_manifest(root: Path, name: str) -> Path:
     """Where the manifest of `ollama:NAME` lies (tag `latest` when none is given)."""
     rest = name.removeprefix("ollama:")
     model, _, tag = rest.rpartition(":") if ":" in rest.rpartition("/")[2] else (rest, "", "")
-    parts = model.split("/")
+    parts, tag = model.split("/"), tag or "latest"
+    if len(parts) > 3 or any(part in ("", ".", "..") for part in [*parts, tag]):
+        raise ModelFileError(
+            f"'{name}' is not an Ollama model name (expected ollama:MODEL[:TAG], "
+            "ollama:NAMESPACE/MODEL[:TAG] or ollama:HOST/NAMESPACE/MODEL[:TAG])"
+        )
     if len(parts) == 1:
         parts = [OLLAMA_REGISTRY, "library", *parts]
     elif len(parts) == 2:
         parts = [OLLAMA_REGISTRY, *parts]
-    return root.joinpath("manifests", *parts, tag or "latest")
+    return root.joinpath("manifests", *parts, tag)
 
 
 def _ollama_entry(root: Path, name: str, manifest: Path) -> StoredModel:
