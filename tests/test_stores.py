@@ -197,6 +197,9 @@ def test_lm_studio_folders_and_a_file_that_is_not_gguf(
     fake = new / "Fake-GGUF" / "fake.gguf"
     fake.parent.mkdir(parents=True)
     fake.write_text("this is a README, not a model\n")
+    empty = new / "Empty-GGUF" / "empty.gguf"  # a download that never started
+    empty.parent.mkdir(parents=True)
+    empty.touch()
     old = home / ".cache" / "lm-studio" / "models" / "google"
     link(bundled_paths["gemma3"], old / "gemma-3-270m" / "gemma-3-270m-Q4_K_M.gguf")
 
@@ -205,7 +208,8 @@ def test_lm_studio_folders_and_a_file_that_is_not_gguf(
     assert "lmstudio:lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-Q4_1.gguf" in out
     assert "lmstudio:google/gemma-3-270m/gemma-3-270m-Q4_K_M.gguf" in out
     assert "lmstudio:lmstudio-community/Fake-GGUF/fake.gguf: " in out and "not a GGUF" in out
-    assert "2 models, 1 unusable" in out
+    assert "lmstudio:lmstudio-community/Empty-GGUF/empty.gguf: " in out
+    assert "2 models, 2 unusable" in out
     path = resolve_source("lmstudio:google/gemma-3-270m")
     assert path.samefile(bundled_paths["gemma3"])
     with pytest.raises(ModelFileError, match="lms get google/gemma-3-1b"):

@@ -51,6 +51,8 @@ class GGUFSummary:
 def summarize_gguf(path: Path) -> GGUFSummary:
     """The header summary of a GGUF file; ModelFileError when it is not one."""
     try:
+        if path.stat().st_size < 4:
+            raise ValueError("not a GGUF file (empty or shorter than its magic)")
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if bytes(buf[:4]) != b"GGUF":
                 raise ValueError(f"not a GGUF file (it starts with {bytes(buf[:4])!r})")
