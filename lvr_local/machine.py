@@ -1,4 +1,4 @@
-"""What this machine offers the models: its physical CPU cores."""
+"""What this machine offers the models: its physical CPU cores and its free memory."""
 
 from __future__ import annotations
 
@@ -20,3 +20,16 @@ def physical_cores() -> int:
         except OSError:
             cores.add(str(cpu))
     return max(1, len(cores))
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can give without swapping: /proc/meminfo's MemAvailable (free
+    memory plus the page cache it can drop). None where there is no /proc (macOS)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -24,6 +24,7 @@ from lvr_local.cli.decode import chat, generate, score
 from lvr_local.cli.doctor import doctor
 from lvr_local.cli.eval import eval_command
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
+from lvr_local.cli.pair import pair
 from lvr_local.cli.rpc import rpc_build, rpc_server
 from lvr_local.cli.serve import serve
 from lvr_local.cli.tui import tui
@@ -63,7 +64,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
     set_verbose(verbose)
 
 
-_COMMANDS = (models, vocab, common, paths, settings, doctor)
+_COMMANDS = (models, vocab, common, pair, paths, settings, doctor)
 _COMMANDS += (generate, chat, score, eval_command, serve)
 for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
     cli.add_command(_command)

@@ -23,6 +23,8 @@ from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import NUMERICS, PRECISIONS, RunSettings, with_overrides
+from lvr_local.runner.sources import resolve_source
+from lvr_local.runner.stores import is_store_name
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -35,17 +37,22 @@ def get_config(ctx: click.Context) -> Config:
 
 
 def resolve_model(ctx: click.Context, ref: str) -> tuple[str, Path]:
-    """A MODEL argument: a name from models.toml, or a path to a .gguf file."""
+    """A MODEL argument: a name from models.toml, a store name (`ollama:llama3.2:1b`,
+    `hf:ORG/REPO`, `lmstudio:PUBLISHER/MODEL`; `lvr models --found` lists them), or a
+    path to a .gguf file."""
     config = get_config(ctx)
     spec = config.model(ref)
     if spec is not None:
         return spec.name, spec.resolve_path()
+    if is_store_name(ref):
+        return ref, resolve_source(ref)
     path = Path(ref).expanduser()
     if path.suffix.lower() == ".gguf" or path.exists():
         return path.stem, path
     names = ", ".join(m.name for m in config.models) or "none"
     raise LvrError(
-        f"unknown model '{ref}': not a name in {config.path} ({names}) and not a .gguf file"
+        f"unknown model '{ref}': not a name in {config.path} ({names}), not a store name "
+        "(ollama:, hf:, lmstudio:) and not a .gguf file"
     )
 
 
@@ -92,8 +99,10 @@ model_options = _options(
             "models",
             multiple=True,
             metavar="NAME|PATH",
-            help="A model from models.toml or a .gguf file; repeat for an ensemble "
-            "(default: the enabled models of models.toml).",
+            help="A model from models.toml, a .gguf file, or a model of Ollama, the "
+            "Hugging Face cache or LM Studio (ollama:NAME, hf:ORG/REPO, lmstudio:PUB/MODEL; "
+            "see lvr models --found); repeat for an ensemble (default: the enabled models "
+            "of models.toml).",
         ),
         click.option(
             "--weight",

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lvr_local.cli.common import echo_json, get_config, load_vocab, size_text, table
+from lvr_local.cli.found import show_found
 from lvr_local.core.vocabulary import TYPE_NAMES, Vocabulary
 from lvr_local.decoding.roles import detect_role
 from lvr_local.errors import LvrError
@@ -23,10 +24,19 @@ from lvr_local.runner.sources import NotAssembledError
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option(
+    "--found",
+    is_flag=True,
+    help="List instead the GGUF models of Ollama, the Hugging Face cache and LM Studio, "
+    "by the names -m and models.toml accept.",
+)
 @click.pass_context
-def models(ctx: click.Context, as_json: bool) -> None:
+def models(ctx: click.Context, as_json: bool, found: bool) -> None:
     """List the models of models.toml: file, size, tokenizer, vocabulary size, and where
     each runs (this machine, or the RPC servers that hold its layers)."""
+    if found:
+        show_found(as_json)
+        return
     config = get_config(ctx)
     records = [_model_record(spec, config.defaults) for spec in config.models]
     if as_json:

@@ -36,10 +36,15 @@ def detect_role(vocab: Vocabulary, chat_template: str | None = None) -> str:
     """'chat' when the model carries a chat template (its GGUF's, or one configured in
     models.toml), a fine-tune label (GGUF general.finetune), or an instruct/chat/-it
     marker in its name; else 'base'."""
-    if chat_template or vocab.chat_template or vocab.finetune:
+    template = bool(chat_template or vocab.chat_template)
+    return role_from_metadata(template, vocab.finetune, vocab.model_name)
+
+
+def role_from_metadata(has_chat_template: bool, finetune: str | None, name: str | None) -> str:
+    """The same rule from the GGUF's metadata alone (a listing reads no vocabulary)."""
+    if has_chat_template or finetune:
         return "chat"
-    name = vocab.model_name or ""
-    return "chat" if CHAT_NAME.search(name) else "base"
+    return "chat" if CHAT_NAME.search(name or "") else "base"
 
 
 def format_transcript(messages: Sequence[Message]) -> str:

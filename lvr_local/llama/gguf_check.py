@@ -116,8 +116,9 @@ class GGUFHeader:
 class _Reader:
     """Reads little-endian GGUF values from a buffer, failing cleanly past its end."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: Any, *, keep_strings: bool = True) -> None:
         self.buf, self.pos = buf, 0
+        self.keep_strings = keep_strings  # False: string arrays are walked, not copied
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize("<" + fmt)
@@ -134,6 +135,18 @@ class _Reader:
         self.pos += n
         return bytes(self.buf[self.pos - n : self.pos])
 
+    def skip_strings(self, n: int) -> None:
+        """Step over n strings reading only their lengths (a header summary needs a
+        vocabulary's size, not its tokens)."""
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), struct.Struct("<Q")
+        for _ in range(n):
+            if pos + 8 > end:
+                raise ValueError(f"the header ends early (at byte {pos})")
+            pos += 8 + length.unpack_from(buf, pos)[0]
+        if pos > end:
+            raise ValueError(f"a string array at byte {self.pos} runs past the file")
+        self.pos = pos
+
     def value(self, vtype: int) -> Any:
         if vtype in SCALARS:
             return self.unpack(SCALARS[vtype])
@@ -149,6 +162,9 @@ class _Reader:
         if elem == STRING:
             if n > len(self.buf):
                 raise ValueError(f"an array of {n} strings cannot fit in the file")
+            if not self.keep_strings:
+                self.skip_strings(n)
+                return ArrayValue(elem, n, start)
             return ArrayValue(elem, n, start, [self.raw_string() for _ in range(n)])
         if elem not in SCALARS:
             raise ValueError(f"array of unsupported element type {elem} at byte {start}")
@@ -159,9 +175,11 @@ class _Reader:
         return ArrayValue(elem, n, start)
 
 
-def read_header(buf: Any) -> GGUFHeader:
-    """Parse a GGUF buffer's metadata and tensor table (ValueError on malformed data)."""
-    r = _Reader(buf)
+def read_header(buf: Any, *, keep_strings: bool = True) -> GGUFHeader:
+    """Parse a GGUF buffer's metadata and tensor table (ValueError on malformed data).
+    With `keep_strings=False` the elements of string arrays (the tokens, the merges) are
+    skipped, not kept: several times faster on a large vocabulary."""
+    r = _Reader(buf, keep_strings=keep_strings)
     if bytes(buf[:4]) != GGUF_MAGIC:
         raise ValueError("not a GGUF file")
     r.pos = 4

@@ -86,7 +86,11 @@ class Config:
 
 _MODEL_KEYS: dict[str, Check] = {
     "name": ((str,), "a non-empty name", lambda v: bool(v.strip())),
-    "source": ((str,), "a .gguf path or package:NAME", lambda v: bool(v.strip())),
+    "source": (
+        (str,),
+        "a .gguf path, package:NAME, or ollama:, hf: or lmstudio: NAME",
+        lambda v: bool(v.strip()),
+    ),
     "weight": ((int, float), WEIGHT, is_weight),
     "enabled": ((bool,), "true or false", None),
     "n_ctx": SCHEMA["n_ctx"],

