@@ -37,7 +37,9 @@ disagree with their own hyperparameters; llama.cpp mostly reports those as error
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,9 +322,20 @@ def _check_tensors(header: GGUFHeader) -> None:
 _checked: set[tuple[str, int, int]] = set()
 
 
+def _symlink_loop(path: Path) -> bool:
+    """Whether following `path`'s symbolic links never ends (ELOOP)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def _check_path(path: Path) -> None:
     """A clear message for a path that cannot be a GGUF model at all."""
     if not path.exists():
+        if _symlink_loop(path):
+            raise ModelFileError(f"model path {path}: its symbolic links form a loop")
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelFileError(f"model path is not a file: {path}")
