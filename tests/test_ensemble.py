@@ -149,7 +149,7 @@ def test_a_stop_string_inside_a_piece_keeps_the_piece_s_head(smol: Member, gemma
     it begins, and the bytes of that piece before it are kept. The stop string is the
     greedy reply's own text from inside its first multi-byte piece to the end, so the
     test holds whatever the reply is."""
-    ensemble = Ensemble([smol, gemma])
+    ensemble = Ensemble([smol, gemma], sub_vocab="mcv")
     try:
         ensemble.start_chat([Message("user", "Name three colours.")])
         events = pieces(ensemble, 12)
@@ -201,15 +201,19 @@ def test_a_step_can_list_the_most_likely_pieces(smol: Member, gemma: Member) -> 
 
 
 def test_raw_prompt_mid_token_continues_the_word(smol: Member, gemma: Member) -> None:
-    ensemble = Ensemble([smol, gemma])
-    try:
-        ensemble.start_raw(b"def fibo")
-        events = pieces(ensemble, 6)
-        text = b"".join(e.text for e in events)
-        assert text.startswith(b"nacci"), text
-        assert events[0].byte_level  # the first pieces come from the byte-level phase
-    finally:
-        ensemble.close()
+    """Over the MCV a mid-word prompt starts on bytes and hands over (§6); the default
+    ensemble is on bytes throughout and continues the word too."""
+    for sub_vocab in ("mcv", "auto"):
+        ensemble = Ensemble([smol, gemma], sub_vocab=sub_vocab)
+        try:
+            ensemble.start_raw(b"def fibo")
+            events = pieces(ensemble, 6)
+            text = b"".join(e.text for e in events)
+            assert text.startswith(b"nacci"), (sub_vocab, text)
+            # Over the MCV the first pieces come from the byte-level phase.
+            assert events[0].byte_level == (sub_vocab == "mcv")
+        finally:
+            ensemble.close()
 
 
 ENGLISH = (Path(__file__).parents[1] / "lvr_local" / "data" / "english.txt").read_bytes()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lvr_local.core.repetition import (
+    BYTES_PER_TOKEN,
     Breakers,
     RepetitionControl,
     RepetitionParams,
@@ -19,9 +20,10 @@ from lvr_local.core.repetition import (
     apply_penalties,
     repeat_lengths,
 )
-from lvr_local.core.subvocab import SubVocabulary, explicit
+from lvr_local.core.subvocab import SubVocabulary, byte_level, explicit
 
 OFF = RepetitionParams()
+NO_BREAKERS = Breakers({})
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -186,3 +188,27 @@ def test_control_keeps_bytes_across_sub_vocabularies() -> None:
     assert out[ab] == logp[ab] and out[-1] == logp[-1]  # END is never penalised
     assert bytes_sub.index[b"a"] == a and bytes_sub.index[b"b"] != b  # ids differ, bytes agree
     assert RepetitionControl(OFF).apply(logp, coarse) is logp
+
+
+def test_dry_over_bytes_counts_tokens_worth_of_bytes() -> None:
+    """Over bytes DRY's lengths are token lengths scaled to bytes: a short repeat such as
+    the "th" before the "e" of every "the" costs nothing, a repeated phrase of several
+    tokens' worth of bytes costs what that many repeated tokens would."""
+    sub = byte_level()
+    params = replace(OFF, dry_multiplier=0.8)
+    logp = np.full(sub.size, -np.log(sub.size))
+
+    def penalty(written: bytes, next_byte: bytes) -> float:
+        control = RepetitionControl(params)
+        for value in written:
+            control.accept(bytes([value]))
+        return float(logp[sub.index[next_byte]] - control.apply(logp, sub)[sub.index[next_byte]])
+
+    assert penalty(b"the sea, the", b" ") == 0.0  # "the" repeated: 3 bytes, under 8
+    # "the waves of the se" (19 bytes) repeats: 11 bytes past the allowed 8.
+    long_repeat = penalty(b"the waves of the sea. the waves of the se", b"a")
+    per_token = params.dry_multiplier * params.dry_base ** ((19 - 8) / BYTES_PER_TOKEN)
+    assert long_repeat == pytest.approx(per_token)
+    unscaled = np.array(logp)
+    apply_dry(unscaled, [sub.index[bytes([v])] for v in b"the sea, the"], params, NO_BREAKERS)
+    assert unscaled[sub.index[b" "]] < logp[sub.index[b" "]]  # raw byte lengths would bite

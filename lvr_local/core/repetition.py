@@ -15,6 +15,7 @@ common pieces instead of one model's tokens:
   length n >= `dry_allowed_length` loses `dry_multiplier * dry_base ** (n -
   dry_allowed_length)`; the scan covers the last `dry_penalty_last_n` pieces and stops
   at a *sequence breaker* (a newline, a colon...), so formatting can repeat freely.
+  Over bytes its lengths are scaled to bytes (`over_bytes`: four bytes a token).
 
 The scores here are the combined log-probabilities (all <= 0), so repeat_penalty always
 multiplies: this is the case llama.cpp's own sampler tests exercise (they feed log
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -227,5 +228,28 @@ class RepetitionControl:
         apply_penalties(scores, history, self.params)
         if self.params.dry_on:
             breakers = breakers_for(self.params.dry_sequence_breakers, sub)
-            apply_dry(scores, history, self.params, breakers)
+            dry = over_bytes(self.params) if sub.kind == "bytes" else self.params
+            apply_dry(scores, history, dry, breakers)
         return scores
+
+
+# Over bytes (the default ensemble) a piece is a byte, and English runs at about four
+# bytes per token for both bundled tokenizers (2,439 bytes of lvr_local/data/english.txt
+# are ~530 SmolLM2 tokens). DRY's lengths are meant in tokens: an allowed repeat of two
+# bytes would penalise "th" -> "e" in every "the" (measured: a chat reply that ends at
+# 381 bytes with the scaled lengths ran to a 600-byte budget with the raw ones).
+BYTES_PER_TOKEN = 4
+
+
+def over_bytes(p: RepetitionParams) -> RepetitionParams:
+    """DRY's token lengths as byte lengths: the allowed repeat and the window scaled by
+    BYTES_PER_TOKEN, the base's growth spread over as many bytes, so that a repeat of k
+    tokens' worth of bytes costs what k repeated tokens cost."""
+    return replace(
+        p,
+        dry_allowed_length=p.dry_allowed_length * BYTES_PER_TOKEN,
+        dry_base=p.dry_base ** (1.0 / BYTES_PER_TOKEN),
+        dry_penalty_last_n=p.dry_penalty_last_n * BYTES_PER_TOKEN
+        if p.dry_penalty_last_n > 0
+        else p.dry_penalty_last_n,
+    )
