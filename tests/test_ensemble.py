@@ -102,8 +102,13 @@ def test_gemma_byte_level_matches_brute_force(gemma: Member) -> None:
 def test_ensemble_of_a_model_with_itself_is_that_model(smollm2_path: Path, smol: Member) -> None:
     twin, twin_backend = _member(smollm2_path, "twin")
     messages = [Message("user", "Name three colours.")]
-    single = Ensemble([smol], options=EXACT, scheduler=CoreScheduler(concurrent=False))
-    pair = Ensemble([smol, twin], options=EXACT, scheduler=CoreScheduler(concurrent=False))
+    # One sub-vocabulary for both (`auto` would give the pair bytes, the single its own).
+    single = Ensemble(
+        [smol], sub_vocab="mcv", options=EXACT, scheduler=CoreScheduler(concurrent=False)
+    )
+    pair = Ensemble(
+        [smol, twin], sub_vocab="mcv", options=EXACT, scheduler=CoreScheduler(concurrent=False)
+    )
     try:
         pair.set_weights([0.5, 0.5])
         single.start_chat(messages)

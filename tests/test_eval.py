@@ -349,7 +349,8 @@ def test_humaneval_runs_its_completions_in_the_sandbox(tmp_path: Path, config: l
     assert code == 0, text
     assert "pass@1" in text and "humaneval (code), 2 items" in text
     logged = records(out)
-    assert {r["system"] for r in logged} == {"smollm2-135m", "gemma3-270m", "naive", "mcv"}
+    # Each model alone, the paper's two rows and the default ensemble (over bytes).
+    assert {r["system"] for r in logged} == {"smollm2-135m", "gemma3-270m", "naive", "mcv", "bytes"}
     assert [r["id"] for r in logged[:2]] == ["HumanEval/0", "HumanEval/1"]
     for r in logged:  # eight pieces cannot finish a function: every run fails its tests
         assert r["pieces"] <= 8 and r["status"] in ("failed", "timeout", "blocked")
