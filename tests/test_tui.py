@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from disks import small_disk
 from lvr_tui.app import LvrApp
-from lvr_tui.screens import ChatScreen, ConversationsScreen, SettingsScreen
+from lvr_tui.chat_screen import ChatScreen
+from lvr_tui.conversations_screen import ConversationsScreen
+from lvr_tui.settings_screen import SettingsScreen
 from lvr_tui.transcript import ConversationLog, conversations_dir, read_conversation
 from lvr_tui.widgets import AssistantMessage, AttributionView, ModelCard, PromptBox, UserMessage
 from textual.pilot import Pilot

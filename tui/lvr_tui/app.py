@@ -14,7 +14,7 @@ from lvr_local.errors import LvrError
 from lvr_local.runner.config import Config, load_config
 from lvr_local.runner.run import ModelInfo, Runner
 from lvr_local.runner.settings import RunSettings
-from lvr_tui.screens import ChatScreen
+from lvr_tui.chat_screen import ChatScreen
 
 
 class LvrApp(App[None]):

@@ -1,43 +1,36 @@
-"""Screens: the chat, the settings modal and the list of saved conversations."""
+"""The chat screen: the conversation, the prompt box and the model panel."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical
-from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import (
-    Button,
-    Footer,
-    Header,
-    Input,
-    Label,
-    OptionList,
-    Select,
-    Static,
-    TextArea,
-)
-from textual.widgets.option_list import Option
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
 
 from lvr_local.core.chat import Message as ChatMessage
-from lvr_local.core.combine import RULES
-from lvr_local.decoding.ensemble import METHODS, PieceEvent
 from lvr_local.errors import LvrError
-from lvr_local.runner.run import LiveFigures, ModelInfo, Run, Runner
-from lvr_local.runner.settings import RunSettings, with_overrides
+from lvr_local.runner.run import Run
+from lvr_local.runner.settings import RunSettings
+from lvr_tui.conversations_screen import ConversationsScreen
+from lvr_tui.messages import (
+    EnsembleReady,
+    GenerationEnded,
+    LoadProgress,
+    PieceGenerated,
+    WorkerFailed,
+)
+from lvr_tui.settings_screen import SettingsScreen
 from lvr_tui.transcript import (
     ConversationLog,
     PieceRecord,
     SavedConversation,
-    list_conversations,
     new_header,
     read_conversation,
 )
@@ -52,52 +45,6 @@ from lvr_tui.widgets import (
 
 if TYPE_CHECKING:
     from lvr_tui.app import LvrApp
-
-
-# ------------------------------------------------------------- worker -> UI messages
-
-
-class LoadProgress(Message):
-    def __init__(self, label: str, done: int, total: int) -> None:
-        super().__init__()
-        self.label, self.done, self.total = label, done, total
-
-
-class EnsembleReady(Message):
-    """Models loaded (or the ensemble rebuilt after a settings change)."""
-
-    def __init__(self, infos: list[ModelInfo], description: str) -> None:
-        super().__init__()
-        self.infos, self.description = infos, description
-
-
-class WorkerFailed(Message):
-    def __init__(self, error: str) -> None:
-        super().__init__()
-        self.error = error
-
-
-class PieceGenerated(Message):
-    def __init__(
-        self, reply: AssistantMessage, piece: PieceRecord, event: PieceEvent, figures: LiveFigures
-    ) -> None:
-        super().__init__()
-        self.reply, self.piece, self.event, self.figures = reply, piece, event, figures
-
-
-class GenerationEnded(Message):
-    def __init__(
-        self,
-        reply: AssistantMessage,
-        text: str,
-        stop_reason: str,
-        figures: LiveFigures | None,
-        error: str | None,
-    ) -> None:
-        super().__init__()
-        self.reply, self.text, self.stop_reason = reply, text, stop_reason
-        self.figures, self.error = figures, error
-
 
 STOP_REASONS = {
     "end": "done",
@@ -126,6 +73,7 @@ class ChatScreen(Screen[None]):
         self.reply: AssistantMessage | None = None  # the reply being generated
         self.busy = False  # a worker holds the ensemble (loading, rebuilding, generating)
         self.load_error: str | None = None  # why the models could not be loaded
+        self.sub_vocab = ""  # the built ensemble's sub-vocabulary, for the header
 
     @property
     def lvr(self) -> LvrApp:
@@ -158,19 +106,27 @@ class ChatScreen(Screen[None]):
                 runner.load(
                     lambda label, done, total: self.post_message(LoadProgress(label, done, total))
                 )
-                ready = EnsembleReady(runner.model_infos(), describe(runner, runner.settings))
+                sub_vocab = runner.ensemble.sub.describe()  # load built it
+                ready = EnsembleReady(
+                    runner.model_infos(), sub_vocab, describe(sub_vocab, runner.settings)
+                )
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
 
     @work(thread=True, group="ensemble")
     def rebuild(self, settings: RunSettings) -> None:
+        """Build the ensemble for settings that change its shape (ensemble_key), here in
+        a worker: building the tables of a new sub-vocabulary takes a while."""
         runner = self.lvr.runner
         assert runner is not None
         try:
             with self.lvr.lock:
                 runner.settings = settings
-                ready = EnsembleReady(runner.model_infos(), describe(runner, settings))
+                sub_vocab = runner.ensemble_for(settings).sub.describe()
+                ready = EnsembleReady(
+                    runner.model_infos(), sub_vocab, describe(sub_vocab, settings)
+                )
             self.post_message(ready)
         except Exception as e:
             self.post_message(WorkerFailed(_error_text(e)))
@@ -180,6 +136,7 @@ class ChatScreen(Screen[None]):
 
     async def on_ensemble_ready(self, message: EnsembleReady) -> None:
         self.busy = False
+        self.sub_vocab = message.sub_vocab
         self.app.sub_title = message.description
         panel = self.query_one(ModelPanel)
         if not panel.cards:
@@ -382,7 +339,7 @@ class ChatScreen(Screen[None]):
             self.notify("rebuilding the ensemble …", timeout=2)
             self.rebuild(self.lvr.settings)
         else:  # the rule and sampling apply from the next reply on
-            self.app.sub_title = describe(runner, self.lvr.settings)
+            self.app.sub_title = describe(self.sub_vocab, self.lvr.settings)
 
     def action_open_list(self) -> None:
         self.app.push_screen(ConversationsScreen(), self._open)
@@ -426,153 +383,13 @@ class ChatScreen(Screen[None]):
             )
 
 
-def describe(runner: Runner, settings: RunSettings) -> str:
-    """The header's line: sub-vocabulary, method and combination rule."""
-    ens = runner.ensemble_for(settings)
-    return f"{ens.sub.describe()} · {settings.method} {settings.combine}"
+def describe(sub_vocab: str, settings: RunSettings) -> str:
+    """The header's line: the ensemble's sub-vocabulary (as it describes itself), method
+    and combination rule."""
+    return f"{sub_vocab} · {settings.method} {settings.combine}"
 
 
 def _error_text(error: Exception) -> str:
     if isinstance(error, LvrError):
         return str(error)
     return f"unexpected error: {type(error).__name__}: {error}"
-
-
-# ------------------------------------------------------------- settings
-
-
-class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
-    """Edits the run settings and the system prompt; values are checked by the same
-    rules as models.toml's (runner/settings.py). Fields are named as the settings are."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-    # (setting, label, hint, how to read the text), two to a row; the selects come first.
-    SELECTS: ClassVar[tuple[tuple[str, Sequence[str]], ...]] = (
-        ("method", METHODS),
-        ("combine", RULES),
-        ("calibrate", ("true", "false")),
-    )
-    FIELDS: ClassVar[tuple[tuple[str, str, str, type], ...]] = (
-        ("switch_rate", "switch rate", "bayes: [0, 1)", float),
-        ("sub_vocab", "sub-vocab", "auto | mcv | bytes | maxlen:K", str),
-        ("temperature", "temperature", "0 = greedy", float),
-        ("top_k", "top-k", "0 = off", int),
-        ("top_p", "top-p", "(0, 1]", float),
-        ("min_p", "min-p", "[0, 1), 0 = off", float),
-        ("repeat_penalty", "repeat pen.", "1 = off", float),
-        ("repeat_last_n", "repeat last n", "-1 = all", int),
-        ("presence_penalty", "presence pen.", "0 = off", float),
-        ("frequency_penalty", "frequency pen.", "0 = off", float),
-        ("dry_multiplier", "dry multiplier", "0 = off", float),
-        ("prune", "prune", "branch share", float),
-        ("max_pieces", "max length", "pieces", int),
-    )
-
-    def __init__(self, settings: RunSettings, system_prompt: str) -> None:
-        super().__init__()
-        self.settings = settings
-        self.system_prompt = system_prompt
-
-    def compose(self) -> ComposeResult:
-        s = self.settings
-        with Vertical(id="settings-dialog"):
-            yield Label("Settings", classes="dialog-title")
-            with Grid(id="settings-grid"):
-                for key, options in self.SELECTS:
-                    yield from _select(key, key, options, _shown(getattr(s, key)))
-                for key, label, hint, _ in self.FIELDS:
-                    yield from _field(label, key, _shown(getattr(s, key)), hint)
-                seed = "" if s.seed is None else str(s.seed)
-                yield from _field("seed", "seed", seed, "empty = random")
-            yield Label("system prompt")
-            yield TextArea(self.system_prompt, id="system_prompt", compact=True)
-            with Horizontal(id="settings-buttons"):
-                yield Button("Apply", variant="primary", id="apply")
-                yield Button("Cancel", id="cancel")
-
-    def _value(self, field_id: str) -> str:
-        return self.query_one(f"#{field_id}", Input).value.strip()
-
-    def read(self) -> tuple[RunSettings, str]:
-        """The form's settings and system prompt; LvrError says which field is wrong."""
-        values: dict[str, object] = {}
-        for key, label, _, kind in self.FIELDS:
-            try:
-                values[key] = kind(self._value(key))
-            except ValueError:
-                raise LvrError(f"{label} must be a number") from None
-        seed_text = self._value("seed")
-        try:
-            values["seed"] = int(seed_text) if seed_text else None
-        except ValueError:
-            raise LvrError("seed must be an integer or empty") from None
-        for key, _ in self.SELECTS:
-            values[key] = str(self.query_one(f"#{key}", Select).value)
-        values["calibrate"] = values["calibrate"] == "true"
-        settings = with_overrides(self.settings, "settings", **values)
-        if values["seed"] is None:
-            settings = replace(settings, seed=None)
-        return settings, self.query_one("#system_prompt", TextArea).text.strip()
-
-    @on(Button.Pressed, "#apply")
-    @on(Input.Submitted)
-    def apply(self) -> None:
-        """Apply (or Enter in any field): close with the new settings, or say what is wrong."""
-        try:
-            chosen = self.read()
-        except LvrError as e:
-            self.notify(str(e), title="Bad setting", severity="error")
-            return
-        self.dismiss(chosen)
-
-    @on(Button.Pressed, "#cancel")
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _select(label: str, field_id: str, options: Sequence[str], value: str) -> ComposeResult:
-    yield Label(label)
-    yield Select(
-        [(o, o) for o in options], value=value, allow_blank=False, compact=True, id=field_id
-    )
-
-
-def _field(label: str, field_id: str, value: str, hint: str) -> ComposeResult:
-    yield Label(label)
-    yield Input(value, placeholder=hint, id=field_id, compact=True)
-
-
-# ------------------------------------------------------------- conversations
-
-
-class ConversationsScreen(ModalScreen[Path | None]):
-    """Saved conversations, newest first; Enter reopens one."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Close")]
-
-    def compose(self) -> ComposeResult:
-        saved = list_conversations()
-        with Vertical(id="conversations-dialog"):
-            yield Label(f"Saved conversations ({len(saved)})", classes="dialog-title")
-            if saved:
-                yield OptionList(*(_option(c) for c in saved), id="conversation-list")
-            else:
-                yield Label("none yet: a conversation is saved as soon as you send a message")
-
-    @on(OptionList.OptionSelected)
-    def chosen(self, message: OptionList.OptionSelected) -> None:
-        self.dismiss(Path(message.option.id or ""))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-def _option(convo: SavedConversation) -> Option:
-    created = convo.created.replace("T", " ")[:16]
-    return Option(f"{created}  {len(convo.messages):>3} msgs  {convo.title}", id=str(convo.path))
