@@ -212,7 +212,7 @@ def test_eval_on_a_disk_that_fills_keeps_its_items_and_resumes(
             text=True,
         )
         items = out / "items.jsonl"
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not (items.exists() and items.read_text()):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.02)
