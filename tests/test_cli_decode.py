@@ -27,9 +27,8 @@ def test_generate_json_record() -> None:
     assert code == 0, out
     record = json.loads(out[out.index("{") :])
     assert record["pieces"] <= 6 and record["stop_reason"] in ("end", "max_pieces")
-    # The default ensemble: the product over bytes, where a piece is a byte.
-    assert record["sub_vocab"].startswith("bytes") and record["combine"] == "product"
-    assert record["bytes"] in (record["pieces"], record["pieces"] - 1)  # END has no byte
+    # A conversation's default: bayes over the MCV (raw completion: the product over bytes).
+    assert record["sub_vocab"].startswith("mcv") and record["combine"] == "bayes"
     assert record["settings"]["dry_multiplier"] > 0  # the chat profile
     assert all(0 <= m["mix_weight"] <= 1 for m in record["models"])
     assert [m["name"] for m in record["models"]] == ["smollm2-135m", "gemma3-270m"]

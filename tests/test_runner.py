@@ -52,7 +52,8 @@ def test_stop_from_another_thread_ends_after_the_current_piece(runner: Runner) -
             threading.Event().wait(0.05)
     assert run.stats.stop_reason == "stopped" and seen == 3
     figures = run.figures()
-    assert figures.pieces == 3 and figures.members[0].forward_passes >= 3
+    # The mid-word prompt's first pieces may need no forward pass (pending tokens).
+    assert figures.pieces == 3 and figures.members[0].forward_passes >= 1
 
 
 def test_only_settings_that_shape_the_ensemble_rebuild_it(runner: Runner) -> None:

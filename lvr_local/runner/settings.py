@@ -48,12 +48,13 @@ _REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
 # The settings whose default depends on the mode (None in RunSettings), chosen by
 # `python -m lvr_local.benchmarks chat` and `... code` (README, "Measured"). Chat:
 # llama.cpp's sampling defaults (common/common.h) with DRY at 0.8, its authors' suggested
-# strength. Raw: greedy, unpenalised. Both combine by the product over bytes (the `auto`
-# sub-vocabulary, docs/algorithm.md §7.4): the chat member's veto keeps the base member
-# from echoing the prompt, and the product predicted code best.
+# strength, and the bayes rule over the MCV (`for_mode`), which ended replies and avoided
+# repeats best. Raw: greedy, unpenalised, and the product over bytes (the `auto`
+# sub-vocabulary, docs/algorithm.md §7.4), which keeps code on its indentation grid and
+# predicted code and prose best.
 PROFILES: dict[str, dict[str, Any]] = {
     "chat": {
-        "combine": "product",
+        "combine": "bayes",
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
@@ -131,8 +132,13 @@ class RunSettings:
 
     def for_mode(self, mode: str) -> RunSettings:
         """These settings with every mode-dependent one not set taken from the mode's
-        profile: "chat" (conversations) or "raw" (raw completion)."""
+        profile: "chat" (conversations) or "raw" (raw completion). `auto` is the
+        ensemble over bytes in raw completion, and the MCV in a conversation, where the
+        byte level has not yet won (README, "Measured": the first command's replies
+        and the chat prompts' endings)."""
         unset = {k: v for k, v in PROFILES[mode].items() if getattr(self, k) is None}
+        if self.sub_vocab == "auto" and mode == "chat":
+            unset["sub_vocab"] = "mcv"
         return replace(self, **unset)
 
     def _resolved(self, key: str) -> Any:
