@@ -193,11 +193,16 @@ class Ensemble:
         tables: DecompositionTables,
         start: list[tuple[TokenPrefix, float]] | None = None,
     ) -> PieceModel:
-        """Member i's piece model over `tables`, from the prompt or from handed-over nodes."""
+        """Member i's piece model over `tables`, from the prompt or from handed-over nodes.
+        `fresh_prune` is the byte level's (docs/algorithm.md §7.4): an ensemble over
+        another sub-vocabulary, its byte-level phase included, prunes by `prune` alone."""
         model = self.members[i].backend
         if self.method == "naive":
             return NaiveState(model, tables)
-        return ReducedState(model, tables, self.options, start=start or [((), 0.0)])
+        options = self.options
+        if self.sub.kind != "bytes":
+            options = replace(options, fresh_prune=None)
+        return ReducedState(model, tables, options, start=start or [((), 0.0)])
 
     def _maybe_leave_byte_phase(self) -> None:
         """Switch from bytes to the chosen sub-vocabulary once every member is
