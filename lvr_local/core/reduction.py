@@ -109,7 +109,8 @@ class EngineOptions:
     largest shares (None or 0: no cap);
     what it drops is counted in the pruned mass like what `prune` drops.
     `fresh_prune`: in generation, the threshold for a *fresh* node, the one kind that
-    costs a forward pass (None: `prune`). Over bytes a token ends at nearly every byte
+    costs a forward pass (None: `prune`); the ensemble sets it over bytes only
+    (`Ensemble._new_state`). Over bytes a token ends at nearly every byte
     of some tokenization, and most of those fresh nodes carry a tiny share; a higher
     threshold for them alone halves the forward passes while pending nodes, which cost
     only numpy, keep `prune` (docs/algorithm.md §7.4)."""

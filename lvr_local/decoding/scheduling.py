@@ -70,18 +70,19 @@ class CoreScheduler:
         this step (over bytes their tokens end at different bytes), that one gets every
         core for it, and the others' numpy-only work runs after it in this thread; when
         none decodes, all of it runs in this thread."""
-        lone = [i for i, d in enumerate(decodes) if d]
-        if not lone:  # numpy only: handing it to the pool costs more than it saves
+        decoding = [i for i, d in enumerate(decodes) if d]
+        if not decoding:  # numpy only: handing it to the pool costs more than it saves
             return [fn(item) for item in items]
-        if not self.concurrent or len(lone) != 1 or not members[lone[0]].auto_threads:
+        if not self.concurrent or len(decoding) != 1 or not members[decoding[0]].auto_threads:
             return self.map(fn, items)
-        member, shared = members[lone[0]], members[lone[0]].backend.n_threads
-        member.backend.set_threads(self._cores())
+        lone = decoding[0]
+        backend, shared = members[lone].backend, members[lone].backend.n_threads
+        backend.set_threads(self._cores())
         try:
-            first = fn(items[lone[0]])
+            first = fn(items[lone])
         finally:
-            member.backend.set_threads(shared)
-        return [first if i == lone[0] else fn(item) for i, item in enumerate(items)]
+            backend.set_threads(shared)
+        return [first if i == lone else fn(item) for i, item in enumerate(items)]
 
     def close(self) -> None:
         if self._pool is not None:
