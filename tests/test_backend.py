@@ -11,6 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from lvr_local.core.lm import ModelMemoryFull
 from lvr_local.errors import InternalError, LvrError, ModelFileError
 from lvr_local.llama import prefix_cache
 from lvr_local.llama.backend import LlamaBackend
@@ -250,6 +251,22 @@ def test_full_kv_cache_evicts_the_least_recently_used_branch(
         backend.release([a, c])
         (row,) = backend.next_logits([(*b, 7)])  # b's cells are gone: re-evaluated
         assert_same(row, fresh_smol.logprobs([*prompt, *b, 7]), "b + 7")
+
+
+def test_branches_that_cannot_fit_at_once_raise_model_memory_full(smollm2_path: Path) -> None:
+    """Generation's path: when the branches asked for in one call cannot all be held,
+    the backend says so with ModelMemoryFull (the engine then sheds branches and asks
+    again, reduction.py) and loses nothing: fewer branches are answered after it."""
+    with LlamaBackend(smollm2_path, n_ctx=256, n_seq_max=4, n_batch=256, n_threads=1) as backend:
+        prompt = (backend.tokenize(PROMPT, True, False) * 20)[:200]
+        backend.set_prompt(prompt)
+        a, b, c = ((t,) * 20 for t in (300, 400, 500))
+        with pytest.raises(ModelMemoryFull, match="KV cache is full"):
+            backend.next_logits([a, b, c])  # 260 cells at once
+        backend.release([c])
+        rows = backend.next_logits([a, b])
+        assert all(np.isfinite(r).all() for r in rows)
+        assert backend.counters.kv_cells_used <= 256
 
 
 # ----- the prompt ---------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -20,9 +20,11 @@ from synthetic_lm import (
 
 from lvr_local.core import subvocab
 from lvr_local.core.decompose import DecompositionTables, build_tables
+from lvr_local.core.lm import ModelMemoryFull, TokenPrefix
 from lvr_local.core.naive import NaiveState
 from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
 from lvr_local.core.subvocab import ALL_BYTES, SubVocabulary
+from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.errors import LvrError
 
 EXACT = EngineOptions(max_branches=0, prune=0.0, precision="float64")
@@ -331,7 +333,7 @@ def test_a_forced_piece_of_tiny_probability_is_exact_in_log_space() -> None:
         np.float32
     )
     tables = build_tables(lm.vocab, subvocab.byte_level())
-    state = ReducedState(lm, tables, EngineOptions(max_branches=0, prune=0.0))
+    state = ReducedState(lm, tables, EXACT)
     assert not np.isnan(state.next_piece_logprobs()).any()
     for byte in b"cab":
         state.advance(byte)
@@ -450,3 +452,50 @@ def test_node_cap_keeps_the_largest_shares_and_counts_what_it_drops() -> None:
     assert math.exp(capped.log_Q) <= math.exp(exact.log_Q) + 1e-12
     assert math.exp(exact.log_Q) - math.exp(capped.log_Q) <= math.exp(capped.log_pruned) + 1e-12
     assert capped.log_pruned > float("-inf")
+
+
+class SmallMemoryLM(SyntheticLM):
+    """A SyntheticLM that, like llama.cpp with a small KV cache, holds at most `slots`
+    alive prefixes: asked for more, it raises ModelMemoryFull and keeps nothing new."""
+
+    def __init__(self, vocab: Vocabulary, slots: int, seed: int) -> None:
+        super().__init__(vocab, seed=seed)
+        self.slots = slots
+        self.alive: set[TokenPrefix] = set()
+        self.refusals = 0
+
+    def next_logits(self, prefixes: Sequence[TokenPrefix]) -> list[np.ndarray]:
+        wanted = self.alive | {tuple(p) for p in prefixes}
+        if len(wanted) > self.slots:
+            self.refusals += 1
+            raise ModelMemoryFull(f"{len(wanted)} prefixes do not fit in {self.slots}")
+        self.alive = wanted
+        return super().next_logits(prefixes)
+
+    def release(self, prefixes: Sequence[TokenPrefix]) -> None:
+        self.alive -= {tuple(p) for p in prefixes}
+        super().release(prefixes)
+
+
+def test_a_full_model_memory_sheds_the_smallest_branches_and_counts_them() -> None:
+    """When the model cannot hold the fresh nodes to score, the state keeps the larger
+    half of its branches by share, releases the others, and asks again: the generation
+    goes on, the kept mass stays a lower bound within the reported pruned mass, and
+    q stays a distribution. With one branch left and still no room, the error stands."""
+    text = b"abab" * 3
+    lm = SmallMemoryLM(vocab_a(), slots=3, seed=4)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    state = ReducedState(lm, tables, EXACT)
+    for byte in text:
+        logq = state.next_piece_logprobs()
+        assert abs(np.logaddexp.reduce(logq)) < 1e-9
+        state.advance(byte)
+        exact = text_prob(lm, text[: len(state.pieces)])
+        assert math.exp(state.log_Q) <= exact + 1e-12
+        assert exact - math.exp(state.log_Q) <= math.exp(state.log_pruned) + 1e-12
+    assert lm.refusals > 0 and state.log_pruned > -math.inf
+    assert len(lm.alive) <= lm.slots
+
+    tiny = SmallMemoryLM(vocab_a(), slots=0, seed=4)
+    with pytest.raises(ModelMemoryFull):
+        ReducedState(tiny, tables, EXACT).next_piece_logprobs()

@@ -23,6 +23,12 @@ pending node's few waiting tokens). When a piece comes that no alive node can sp
 ensemble chose it because another member likes it), the dormant nodes are replayed along
 the pieces that followed them and those that can spell it come back (docs/algorithm.md
 §4), instead of the model leaving the generation.
+
+A model's memory bounds the branches too: when it cannot hold the fresh nodes to be
+scored beside the alive ones (`ModelMemoryFull`: a degenerate text such as "1, 1, 1, ..."
+keeps many tokenizations alive, each with its own long KV history), the state keeps the
+larger half of its nodes by share, counts the rest in `log_pruned` like any pruning, and
+asks again (`_shed_branches`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from lvr_local.core.decompose import DecompositionTables
-from lvr_local.core.lm import NextTokenModel, TokenPrefix
+from lvr_local.core.lm import ModelMemoryFull, NextTokenModel, TokenPrefix
 from lvr_local.core.logspace import (
     grouped_logsumexp,
     log1mexp,
@@ -427,9 +433,39 @@ class ReducedState:
 
     def _score_fresh_nodes(self) -> None:
         """Score every unscored fresh node in ONE model call, then free dropped prefixes
-        (after the call, so that the backend can still extend them)."""
-        self._score([f for f in self._fresh if f.scored is None])
+        (after the call, so that the backend can still extend them). When the model's
+        memory cannot hold them all, shed branches until it can."""
+        while True:
+            try:
+                self._score([f for f in self._fresh if f.scored is None])
+                break
+            except ModelMemoryFull:
+                if not self._shed_branches():
+                    raise
         self._flush_releases()
+
+    def _shed_branches(self) -> bool:
+        """Keep the larger half of the alive nodes by share and release the rest (their
+        mass counts as pruned; q is renormalised over the kept nodes, as after any
+        pruning). False when a single node is left: then nothing can be shed."""
+        nodes: list[FreshNode | PendingNode] = [*self._fresh, *self._pending]
+        if len(nodes) < 2:
+            return False
+        nodes.sort(key=lambda n: n.log_share, reverse=True)
+        kept = nodes[: len(nodes) // 2]
+        total = logsumexp([n.log_share for n in nodes])
+        log_kept = logsumexp([n.log_share for n in kept])
+        self._add_pruned(total + log1mexp(log_kept - total))
+        self.log_Q += log_kept - total
+        before = self._alive_origins()
+        # Fresh nodes asked for in the failed call are alive in the model though not
+        # scored: release every dropped one.
+        self._to_release += [n.prefix for n in self._fresh if n not in kept]
+        self._fresh = [n for n in self._fresh if n in kept]
+        self._pending = [n for n in self._pending if n in kept]
+        self._retire(before - self._alive_origins())
+        self._flush_releases()
+        return True
 
     def _score(self, todo: list[FreshNode]) -> None:
         if not todo:

@@ -19,7 +19,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
-from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.lm import ModelMemoryFull, TokenPrefix
 from lvr_local.errors import InternalError, LvrError
 from lvr_local.llama.extra_buffers import decide
 from lvr_local.llama.gguf_check import check_gguf
@@ -341,7 +341,7 @@ class LlamaBackend:
             if status == 1 and not self.exact and self._cache.reclaim(busy):
                 continue
             if status == 1:
-                raise LvrError(
+                raise ModelMemoryFull(
                     f"the KV cache is full (n_ctx={self.n_ctx} cells, "
                     f"{self._cache.cells_used()} in use by {self._cache.n_sequences} "
                     "sequences): raise n_ctx, or keep fewer branches alive"

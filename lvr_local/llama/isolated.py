@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 
 from lvr_local import interrupts
-from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.lm import ModelMemoryFull, TokenPrefix
 from lvr_local.errors import LvrError
 from lvr_local.llama.backend import BackendCounters, LlamaBackend
 from lvr_local.llama.rpc import Endpoint, preflight, rpc_backend
@@ -155,6 +155,8 @@ class IsolatedBackend:
         except (OSError, EOFError, TimeoutError) as e:
             raise self._died(e) from None
         self.counters = BackendCounters(**counters)
+        if status == "memory_full":
+            raise ModelMemoryFull(result)
         if status == "error":
             raise LvrError(result)
         if status != "ok":
@@ -313,6 +315,8 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
             else:
                 raise LvrError(f"unknown request {method!r} to a backend process")
             reply: tuple[str, Any] = ("ok", result)
+        except ModelMemoryFull as e:  # the engine sheds branches and asks again
+            reply = ("memory_full", str(e))
         except LvrError as e:
             reply = ("error", str(e))
         except Exception:
