@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import gguf as gguf_py
 import pytest
 from click.testing import CliRunner
 
@@ -287,3 +288,75 @@ def test_a_large_store_lists_from_its_cache(
     monkeypatch.setattr(discovery, "summarize_gguf", lambda p: reads.append(p) or summarize_gguf(p))
     find_models()
     assert reads == [touched]
+
+
+def write_split(source: Path, target: Path, max_tensors: int) -> list[Path]:
+    """The model split as llama.cpp's gguf-split and gguf-py split it: parts named
+    TARGET-0000i-of-0000n.gguf, each with split.no, split.count and its own tensors."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf_py.GGUFReader(source)
+    arch = reader.fields[gguf_py.Keys.General.ARCHITECTURE].contents()
+    writer = gguf_py.GGUFWriter(target, arch, split_max_tensors=max_tensors)
+    for field in reader.fields.values():
+        if field.name == gguf_py.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf_py.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file(target)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return sorted(target.parent.glob(f"{target.stem}-*-of-*.gguf"))
+
+
+def test_a_split_model_is_one_model(
+    home: Path, tmp_path: Path, bundled_paths: dict[str, Path]
+) -> None:
+    """SmolLM2 in three parts, in the HF cache and in LM Studio: listed once, by its first
+    part, with the size and parameters of the whole; it loads and runs as the whole."""
+    parts = write_split(bundled_paths["smollm2"], tmp_path / "split" / "smol.gguf", 100)
+    assert [p.name[-20:] for p in parts] == [f"-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    repo = "someone/SmolLM2-split-GGUF"
+    hf_model(home / ".cache" / "huggingface" / "hub", repo, {p.name: p for p in parts})
+    studio = home / ".lmstudio" / "models" / "someone" / "SmolLM2-split"
+    for part in parts[:2]:  # the third part never arrived
+        link(part, studio / part.name)
+
+    found = {m.names[0]: m for m in find_models()}
+    assert len(found) == 2, list(found)
+    whole = found[f"hf:{repo}/smol-00001-of-00003.gguf"]
+    assert whole.size == sum(p.stat().st_size for p in parts)
+    unsplit = summarize_gguf(bundled_paths["smollm2"])
+    assert whole.summary is not None and whole.summary.split_count == 3
+    assert whole.summary.parameters == unsplit.parameters
+    assert whole.summary.weights_bytes == unsplit.weights_bytes
+    broken = found["lmstudio:someone/SmolLM2-split/smol-00001-of-00003.gguf"]
+    assert broken.problem == "split model in 3 parts: smol-00003-of-00003.gguf missing"
+
+    assert resolve_source(f"hf:{repo}").name == "smol-00001-of-00003.gguf"  # the link
+    with pytest.raises(ModelFileError, match=r"00003-of-00003\.gguf missing"):
+        resolve_source("lmstudio:someone/SmolLM2-split")
+    with pytest.raises(ModelFileError, match=r"part 2 of a model split in 3: name its first"):
+        summarize_gguf(parts[1])
+
+    texts = []
+    for model in (f"hf:{repo}", str(bundled_paths["smollm2"])):
+        code, out = run(
+            "generate",
+            "-m",
+            model,
+            "--raw",
+            "--greedy",
+            "--max-pieces",
+            "4",
+            "--json",
+            "The sky is",
+        )
+        assert code == 0, out
+        texts.append(json.loads(out[out.index("{") :])["text"])
+    assert texts[0] == texts[1] and texts[0]

@@ -12,6 +12,9 @@
 - LM Studio: ~/.lmstudio/models/PUBLISHER/MODEL/*.gguf, and the older
   ~/.cache/lm-studio/models. Named `lmstudio:PUBLISHER/MODEL/FILE.gguf`.
 
+A model split into parts (NAME-00001-of-00003.gguf) is one entry, named and reached by
+its first part (llama.cpp loads the others from it), with every part in `parts`.
+
 Nothing here reads a model file or touches the network: a listing is manifests, links
 and directory entries. A broken entry (a damaged manifest, a missing blob, a dangling
 link) is listed with its problem rather than dropped, so a listing is never silent
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvr_local.errors import ModelFileError
+from lvr_local.llama.gguf_summary import SPLIT_NAME
 
 OLLAMA_REGISTRY = "registry.ollama.ai"
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -43,6 +47,7 @@ class StoredModel:
     name: str  # with its prefix: "ollama:llama3.2:1b"
     path: Path
     problem: str | None = None
+    parts: tuple[Path, ...] = ()  # of a split model, every part (the first is `path`)
 
 
 def is_store_name(source: str) -> bool:
@@ -71,20 +76,50 @@ def lmstudio_roots() -> list[Path]:
 
 
 def stored_models(stores: tuple[str, ...] = STORES) -> list[StoredModel]:
-    """Every name of every store, in store order, then by name."""
+    """Every name of every store, in store order, then by name; a split model once."""
     found: list[StoredModel] = []
     if "ollama" in stores:
         found += sorted(ollama_models(ollama_root()), key=lambda m: m.name)
     if "hf" in stores:
-        found += sorted(hf_models(hf_root()), key=lambda m: m.name)
+        found += fold_splits(sorted(hf_models(hf_root()), key=lambda m: m.name))
     if "lmstudio" in stores:
         seen: set[str] = set()
         for root in lmstudio_roots():  # the same name in both folders: the newer one
-            for m in sorted(lmstudio_models(root), key=lambda m: m.name):
+            for m in fold_splits(sorted(lmstudio_models(root), key=lambda m: m.name)):
                 if m.name not in seen:
                     seen.add(m.name)
                     found.append(m)
     return found
+
+
+def fold_splits(entries: list[StoredModel]) -> list[StoredModel]:
+    """The parts of each split model folded into one entry, where its first part was (or
+    its lowest part, with the problem, when the first is missing)."""
+    sets: dict[tuple[Path, str, int], list[StoredModel]] = {}
+    folded: list[StoredModel | tuple[Path, str, int]] = []
+    for entry in entries:
+        match = SPLIT_NAME.match(entry.path.name)
+        if match is None or int(match["count"]) < 2:
+            folded.append(entry)
+            continue
+        key = (entry.path.parent, match["prefix"], int(match["count"]))
+        if key not in sets:
+            sets[key] = []
+            folded.append(key)
+        sets[key].append(entry)
+    return [m if isinstance(m, StoredModel) else _split_entry(m, sets[m]) for m in folded]
+
+
+def _split_entry(key: tuple[Path, str, int], members: list[StoredModel]) -> StoredModel:
+    folder, prefix, count = key
+    parts = tuple(folder / f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1))
+    present = {m.path.name: m for m in members}
+    first = present.get(parts[0].name) or min(members, key=lambda m: m.path.name)
+    missing = [p.name for p in parts if p.name not in present or not p.exists()]
+    problem = first.problem or next((m.problem for m in members if m.problem), None)
+    if missing and not problem:
+        problem = f"split model in {count} parts: {', '.join(missing)} missing"
+    return StoredModel(first.store, first.name, first.path, problem, parts)
 
 
 def _subdirs(folder: Path) -> list[Path]:
