@@ -217,5 +217,5 @@ def test_pair_on_a_build_without_gpu_counts_offloaded_layers_here(
     assert smol["host"] == smol["weights"] + smol["kv_cache"] + smol["buffers"]
     assert memory["gpu"] == 0 and memory["gpu_devices"] == []
     code, out = run("--config", str(config), "pair", "smol", "gemma")
-    assert code == 0 and "found no GPU device: those layers run on the CPU" in out
+    assert code == 0 and "found no GPU device: those layers are counted here, on the CPU" in out
     assert "none: no GPU" in out

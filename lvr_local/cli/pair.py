@@ -133,7 +133,9 @@ def memory_verdicts(plan: MemoryPlan) -> list[str]:
     if plan.offload_without_gpu:
         lines.append(
             "GPU: n_gpu_layers asks for offloading, but llama.cpp found no GPU device: "
-            "those layers run on the CPU and are counted here"
+            "those layers are counted here, on the CPU (a build without GPU support "
+            "refuses to load them: set n_gpu_layers = 0, or rebuild llama-cpp-python "
+            "with a GPU backend)"
         )
     if plan.rpc:
         lines.append(f"RPC servers: {gib(plan.rpc)} offloaded to them (each checks its own)")

@@ -9,8 +9,9 @@ placed where llama.cpp will put it:
 - offload to a GPU: the offloaded layers' part (their weights and KV cache, and a
   compute buffer) on the GPU devices llama.cpp sees (llama/devices.py), summed against
   their free memory; the rest in RAM;
-- offload asked for on a build with no GPU device: llama.cpp runs those layers on the
-  CPU, so all of it in RAM;
+- offload asked for where llama.cpp finds no GPU device: those layers stay on the CPU,
+  so all of it in RAM (a build without GPU support then refuses the load itself,
+  backend.py's check_gpu_request, with the rebuild command);
 - offload to RPC servers: the offloaded part on the servers (each checks its own), the
   rest in RAM.
 
