@@ -1,5 +1,5 @@
-"""Models other tools downloaded: stores laid out as Ollama, the Hugging Face hub cache and
-LM Studio lay them out, built at test time from the bundled GGUF files (hard links)
+"""Models other tools downloaded: stores laid out as Ollama, the Hugging Face hub cache,
+LM Studio, GPT4All and Jan lay them out, built at test time from the bundled GGUF files (hard links)
 under a temporary HOME with the tools' environment variables moved."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import json
 import mmap
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
+import gguf as gguf_py
 import pytest
 from click.testing import CliRunner
 
@@ -38,7 +40,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var in ("OLLAMA_MODELS", "HF_HUB_CACHE", "HF_HOME"):
+    for var in ("OLLAMA_MODELS", "HF_HUB_CACHE", "HF_HOME", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -287,3 +289,149 @@ def test_a_large_store_lists_from_its_cache(
     monkeypatch.setattr(discovery, "summarize_gguf", lambda p: reads.append(p) or summarize_gguf(p))
     find_models()
     assert reads == [touched]
+
+
+def write_split(source: Path, target: Path, max_tensors: int) -> list[Path]:
+    """The model split as llama.cpp's gguf-split and gguf-py split it: parts named
+    TARGET-0000i-of-0000n.gguf, each with split.no, split.count and its own tensors."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf_py.GGUFReader(source)
+    arch = reader.fields[gguf_py.Keys.General.ARCHITECTURE].contents()
+    writer = gguf_py.GGUFWriter(target, arch, split_max_tensors=max_tensors)
+    for field in reader.fields.values():
+        if field.name == gguf_py.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf_py.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file(target)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return sorted(target.parent.glob(f"{target.stem}-*-of-*.gguf"))
+
+
+def test_a_split_model_is_one_model(
+    home: Path, tmp_path: Path, bundled_paths: dict[str, Path]
+) -> None:
+    """SmolLM2 in three parts, in the HF cache and in LM Studio: listed once, by its first
+    part, with the size and parameters of the whole; it loads and runs as the whole."""
+    parts = write_split(bundled_paths["smollm2"], tmp_path / "split" / "smol.gguf", 100)
+    assert [p.name[-20:] for p in parts] == [f"-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    repo = "someone/SmolLM2-split-GGUF"
+    hf_model(home / ".cache" / "huggingface" / "hub", repo, {p.name: p for p in parts})
+    studio = home / ".lmstudio" / "models" / "someone" / "SmolLM2-split"
+    for part in parts[:2]:  # the third part never arrived
+        link(part, studio / part.name)
+
+    found = {m.names[0]: m for m in find_models()}
+    assert len(found) == 2, list(found)
+    whole = found[f"hf:{repo}/smol-00001-of-00003.gguf"]
+    assert whole.size == sum(p.stat().st_size for p in parts)
+    unsplit = summarize_gguf(bundled_paths["smollm2"])
+    assert whole.summary is not None and whole.summary.split_count == 3
+    assert whole.summary.parameters == unsplit.parameters
+    assert whole.summary.weights_bytes == unsplit.weights_bytes
+    broken = found["lmstudio:someone/SmolLM2-split/smol-00001-of-00003.gguf"]
+    assert broken.problem == "split model in 3 parts: smol-00003-of-00003.gguf missing"
+
+    assert resolve_source(f"hf:{repo}").name == "smol-00001-of-00003.gguf"  # the link
+    with pytest.raises(ModelFileError, match=r"00003-of-00003\.gguf missing"):
+        resolve_source("lmstudio:someone/SmolLM2-split")
+    with pytest.raises(ModelFileError, match=r"part 2 of a model split in 3: name its first"):
+        summarize_gguf(parts[1])
+
+    texts = []
+    for model in (f"hf:{repo}", str(bundled_paths["smollm2"])):
+        code, out = run(
+            "generate",
+            "-m",
+            model,
+            "--raw",
+            "--greedy",
+            "--max-pieces",
+            "4",
+            "--json",
+            "The sky is",
+        )
+        assert code == 0, out
+        texts.append(json.loads(out[out.index("{") :])["text"])
+    assert texts[0] == texts[1] and texts[0]
+
+
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the folders laid out are Linux's"
+)
+
+
+@LINUX_ONLY
+def test_gpt4all_folders(home: Path, bundled_paths: dict[str, Path]) -> None:
+    """The desktop app's default download path, flat, beside its own files; and the Python
+    package's download folder."""
+    app = home / ".local" / "share" / "nomic.ai" / "GPT4All"
+    link(bundled_paths["smollm2"], app / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    (app / "localdocs_v2.db").write_bytes(b"SQLite format 3\0")  # not a model: not listed
+    package = home / ".cache" / "gpt4all"
+    link(bundled_paths["gemma3"], package / "gemma-3-270m-Q4_K_M.gguf")
+
+    code, out = run("models", "--found", "--json")
+    assert code == 0, out
+    listing = json.loads(out)
+    assert listing["stores"]["gpt4all"] == [str(app), str(package)]
+    records = {r["name"]: r for r in listing["models"]}
+    assert set(records) == {
+        "gpt4all:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gpt4all:gemma-3-270m-Q4_K_M.gguf",
+    }
+    assert records["gpt4all:SmolLM2-135M-Instruct.Q4_1.gguf"]["role"] == "chat"
+    assert records["gpt4all:gemma-3-270m-Q4_K_M.gguf"]["architecture"] == "gemma3"
+    path = resolve_source("gpt4all:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert path.samefile(bundled_paths["smollm2"])
+    with pytest.raises(ModelFileError, match=r"closest: gpt4all:SmolLM2.*download it in GPT4All"):
+        resolve_source("gpt4all:SmolLM2-135M-Instruct.Q8_0.gguf")
+
+
+@LINUX_ONLY
+def test_jan_data_folder_and_its_older_layout(
+    home: Path, tmp_path: Path, bundled_paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jan's data folder: llamacpp/models/ID/{model.yml, model.gguf}, the id with a slash,
+    a vision projector beside one model; and ~/jan/models/ID/FILE.gguf of older releases."""
+    models = home / ".config" / "Jan" / "data" / "llamacpp" / "models"
+    for model_id, gguf in (
+        ("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", bundled_paths["smollm2"]),
+        ("google/gemma-3-270m-Q4_K_M", bundled_paths["gemma3"]),
+    ):
+        folder = models / model_id
+        link(gguf, folder / "model.gguf")
+        (folder / "model.yml").write_text(
+            f"model_path: llamacpp/models/{model_id}/model.gguf\nname: {model_id}\n"
+            f"size_bytes: {gguf.stat().st_size}\n"
+        )
+    (models / "google" / "gemma-3-270m-Q4_K_M" / "mmproj.gguf").write_text("not the model")
+    old = home / "jan" / "models" / "smollm2-135m"
+    link(bundled_paths["smollm2"], old / "smollm2-135m.Q4_1.gguf")
+    (old / "model.json").write_text('{"id": "smollm2-135m"}')
+
+    found = find_models()
+    smol = "jan:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+    assert [m.names for m in found] == [
+        # the same file (a hard link) in the older folder: one entry, two names
+        [smol, "jan:smollm2-135m/smollm2-135m.Q4_1.gguf"],
+        ["jan:google/gemma-3-270m-Q4_K_M"],
+    ]
+    assert all(m.summary is not None for m in found)
+    assert resolve_source("jan:google/gemma-3-270m-Q4_K_M").samefile(bundled_paths["gemma3"])
+    assert resolve_source("jan:smollm2-135m").samefile(bundled_paths["smollm2"])
+    with pytest.raises(ModelFileError, match="download it in Jan's Hub"):
+        resolve_source("jan:google/gemma-3-1b")
+
+    moved = tmp_path / "config"
+    shutil.move(home / ".config", moved)
+    assert {m.names[0] for m in find_models()} == {"jan:smollm2-135m/smollm2-135m.Q4_1.gguf"}
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(moved))
+    assert sum(len(m.names) for m in find_models()) == 3

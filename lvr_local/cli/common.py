@@ -38,8 +38,8 @@ def get_config(ctx: click.Context) -> Config:
 
 def resolve_model(ctx: click.Context, ref: str) -> tuple[str, Path]:
     """A MODEL argument: a name from models.toml, a store name (`ollama:llama3.2:1b`,
-    `hf:ORG/REPO`, `lmstudio:PUBLISHER/MODEL`; `lvr models --found` lists them), or a
-    path to a .gguf file."""
+    `hf:ORG/REPO`, `lmstudio:PUBLISHER/MODEL`, `gpt4all:FILE`, `jan:ID`; `lvr models
+    --found` lists them), or a path to a .gguf file."""
     config = get_config(ctx)
     spec = config.model(ref)
     if spec is not None:
@@ -52,7 +52,7 @@ def resolve_model(ctx: click.Context, ref: str) -> tuple[str, Path]:
     names = ", ".join(m.name for m in config.models) or "none"
     raise LvrError(
         f"unknown model '{ref}': not a name in {config.path} ({names}), not a store name "
-        "(ollama:, hf:, lmstudio:) and not a .gguf file"
+        "(ollama:, hf:, lmstudio:, gpt4all:, jan:) and not a .gguf file"
     )
 
 
@@ -100,9 +100,9 @@ model_options = _options(
             multiple=True,
             metavar="NAME|PATH",
             help="A model from models.toml, a .gguf file, or a model of Ollama, the "
-            "Hugging Face cache or LM Studio (ollama:NAME, hf:ORG/REPO, lmstudio:PUB/MODEL; "
-            "see lvr models --found); repeat for an ensemble (default: the enabled models "
-            "of models.toml).",
+            "Hugging Face cache, LM Studio, GPT4All or Jan (ollama:NAME, hf:ORG/REPO, "
+            "lmstudio:PUB/MODEL, gpt4all:FILE, jan:ID; see lvr models --found); repeat for "
+            "an ensemble (default: the enabled models of models.toml).",
         ),
         click.option(
             "--weight",

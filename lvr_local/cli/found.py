@@ -1,5 +1,5 @@
-"""`lvr models --found`: the GGUF models Ollama, the Hugging Face cache and LM Studio
-keep on this machine, by the names `-m` and models.toml accept."""
+"""`lvr models --found`: the GGUF models Ollama, the Hugging Face cache, LM Studio, GPT4All
+and Jan keep on this machine, by the names `-m` and models.toml accept."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 from lvr_local.cli.common import echo_json, size_text, table
 from lvr_local.llama.vocab_reader import SUPPORTED_TOKENIZERS
 from lvr_local.runner.discovery import FoundModel, find_models
-from lvr_local.runner.stores import hf_root, lmstudio_roots, ollama_root
+from lvr_local.runner.stores import store_roots
 
 
 def show_found(as_json: bool) -> None:
@@ -35,11 +35,7 @@ def show_found(as_json: bool) -> None:
 
 
 def _store_roots() -> dict[str, list[str]]:
-    return {
-        "ollama": [str(ollama_root())],
-        "hf": [str(hf_root())],
-        "lmstudio": [str(r) for r in lmstudio_roots()],
-    }
+    return {store: [str(r) for r in roots] for store, roots in store_roots().items()}
 
 
 def _row(m: FoundModel) -> tuple[object, ...]:

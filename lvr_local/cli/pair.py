@@ -3,7 +3,7 @@ their vocabularies and GGUF headers, before any weights are loaded."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import click
 
@@ -12,7 +12,15 @@ from lvr_local.core.subvocab import common_report
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.loading import memory_plan
-from lvr_local.runner.memory_check import MemoryPlan, check_memory, gib
+from lvr_local.runner.memory_check import (
+    GPU,
+    NO_GPU,
+    RPC,
+    MemberMemory,
+    MemoryPlan,
+    check_memory,
+    gib,
+)
 from lvr_local.runner.settings import with_overrides
 
 SPLIT_WARNING = (
@@ -85,25 +93,53 @@ def _print_report(
     if warning:
         click.echo(f"warning: {warning}")
     click.echo("")
-    rows = [
-        (
-            m.name,
-            m.n_ctx,
-            gib(m.need.weights),
-            gib(m.need.kv_cache),
-            gib(m.need.buffers),
-            gib(m.need.offloaded),
-            gib(m.need.host),
-        )
-        for m in plan.members
-    ]
-    headers = ("MODEL", "N_CTX", "WEIGHTS", "KV CACHE", "BUFFERS", "OFFLOADED", "HERE")
-    click.echo(table(headers, rows))
+    click.echo(table(MEMORY_HEADERS, [_memory_row(m) for m in plan.members]))
+    for line in memory_verdicts(plan):
+        click.echo(line)
+
+
+MEMORY_HEADERS = ("MODEL", "N_CTX", "WEIGHTS", "KV CACHE", "BUFFERS", "OFFLOADED", "HERE")
+
+
+def _memory_row(m: MemberMemory) -> tuple[object, ...]:
+    offloaded = "-"
+    if m.offload_to in (GPU, RPC):
+        offloaded = f"{gib(m.need.offloaded)} ({m.offload_to.upper()})"
+    elif m.offload_to == NO_GPU:
+        offloaded = "none: no GPU"
+    need = m.need
+    return (
+        m.name,
+        m.n_ctx,
+        gib(need.weights),
+        gib(need.kv_cache),
+        gib(need.buffers),
+        offloaded,
+        gib(m.host),
+    )
+
+
+def memory_verdicts(plan: MemoryPlan) -> list[str]:
+    """One line per memory the members use: RAM, GPU memory, RPC servers."""
     available = gib(plan.available) if plan.available is not None else "unknown"
-    verdict = "fits" if plan.fits else "does NOT fit"
-    click.echo(f"memory: {gib(plan.host)} needed here, {available} available: {verdict}")
-    if plan.offloaded:
-        click.echo(f"offloaded (GPU or RPC servers): {gib(plan.offloaded)}")
+    verdict = "fits" if plan.fits_host else "does NOT fit"
+    lines = [f"memory: {gib(plan.host)} needed here, {available} available: {verdict}"]
+    if plan.gpu:
+        names = ", ".join(f"{d.name} ({d.description})" for d in plan.devices)
+        verdict = "fits" if plan.fits_gpu else "does NOT fit"
+        lines.append(
+            f"GPU: {gib(plan.gpu)} needed, {gib(plan.gpu_free)} free on {names}: {verdict}"
+        )
+    if plan.offload_without_gpu:
+        lines.append(
+            "GPU: n_gpu_layers asks for offloading, but llama.cpp found no GPU device: "
+            "those layers are counted here, on the CPU (a build without GPU support "
+            "refuses to load them: set n_gpu_layers = 0, or rebuild llama-cpp-python "
+            "with a GPU backend)"
+        )
+    if plan.rpc:
+        lines.append(f"RPC servers: {gib(plan.rpc)} offloaded to them (each checks its own)")
+    return lines
 
 
 def _json_report(
@@ -117,14 +153,18 @@ def _json_report(
                 "weights": m.need.weights,
                 "kv_cache": m.need.kv_cache,
                 "buffers": m.need.buffers,
-                "offloaded": m.need.offloaded,
-                "host": m.need.host,
+                "offload_to": m.offload_to,
+                "offloaded": m.need.offloaded if m.offload_to in (GPU, RPC) else 0,
+                "host": m.host,
             }
             for m in plan.members
         ],
         "host": plan.host,
-        "offloaded": plan.offloaded,
         "available": plan.available,
+        "gpu": plan.gpu,
+        "gpu_free": plan.gpu_free,
+        "gpu_devices": [asdict(d) for d in plan.devices],
+        "rpc": plan.rpc,
         "fits": plan.fits,
     }
     return {**report, "tokenizers": labels, "warning": warning, "memory": memory}

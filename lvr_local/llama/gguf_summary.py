@@ -6,13 +6,20 @@ count, quantization, tokenizer, whether it carries a chat template, and the size
 decide its memory (tensor bytes, layers, key/value heads). They are all in the header,
 read here with gguf_check's own reader with the token strings skipped (12 ms for
 SmolLM2, 31 ms for Gemma's 262,144 tokens), never through llama.cpp.
+
+A model split into parts (NAME-00001-of-00003.gguf, as llama.cpp's gguf-split and
+gguf-py write them, with `split.no` and `split.count` in every part's header) is loaded
+by llama.cpp from its first part, which finds the others by name. Its summary is read
+from the first part's header, with the tensors of every part counted; a later part, or
+a set with a part missing, is refused with a message naming the first part.
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,8 @@ class GGUFSummary:
     n_embd: int
     n_ff: int
     kv_width: int  # per cell, summed over layers: key and value elements of every layer
-    weights_bytes: int  # the tensor data llama.cpp maps
+    weights_bytes: int  # the tensor data llama.cpp maps, of every part of a split model
+    split_count: int = 1  # the parts of a split model
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,19 +56,64 @@ class GGUFSummary:
         return cls(**record)
 
 
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_paths(first: Path, count: int) -> list[Path]:
+    """Every part of a split model, from its first part's path, as llama.cpp names them
+    (llama_split_path: PREFIX-%05d-of-%05d.gguf)."""
+    match = SPLIT_NAME.match(first.name)
+    if match is None or int(match["no"]) != 1:
+        raise ValueError(
+            f"its header says it is the first of {count} parts, but its name does not end "
+            f"in -00001-of-{count:05d}.gguf, which llama.cpp needs to find the others"
+        )
+    prefix = match["prefix"]
+    return [first.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 def summarize_gguf(path: Path) -> GGUFSummary:
-    """The header summary of a GGUF file; ModelFileError when it is not one."""
+    """The header summary of a GGUF file; ModelFileError when it is not one. For the
+    first part of a split model, the summary of the whole model."""
     try:
-        if path.stat().st_size < 4:
-            raise ValueError("not a GGUF file (empty or shorter than its magic)")
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if bytes(buf[:4]) != b"GGUF":
-                raise ValueError(f"not a GGUF file (it starts with {bytes(buf[:4])!r})")
-            header = read_header(buf, keep_strings=False)
-            return _summary(header, buf)
+        header, summary = _read_summary(path)
+        split_no, split_count = _split_position(header)
+        if split_no != 0:
+            first = SPLIT_NAME.sub(r"\g<prefix>-00001-of-\g<count>.gguf", path.name)
+            raise ValueError(
+                f"part {split_no + 1} of a model split in {split_count}: name its first "
+                f"part ({first}); llama.cpp loads the others from it"
+            )
+        if split_count == 1:
+            return summary
+        n_params, n_bytes = summary.parameters, summary.weights_bytes
+        for part in split_part_paths(path, split_count)[1:]:
+            if not part.is_file():
+                raise ValueError(f"part {part.name} of this split model is missing")
+            part_header, _ = _read_summary(part)
+            params, size = _tensor_totals(part_header)
+            n_params, n_bytes = n_params + params, n_bytes + size
+        return replace(summary, parameters=n_params, weights_bytes=n_bytes, split_count=split_count)
     except (OSError, ValueError, struct.error) as e:
         detail = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise ModelFileError(f"{path}: {detail}") from e
+
+
+def _read_summary(path: Path) -> tuple[GGUFHeader, GGUFSummary]:
+    """One file's header and its summary (its own tensors only)."""
+    if path.stat().st_size < 4:
+        raise ValueError("not a GGUF file (empty or shorter than its magic)")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError(f"not a GGUF file (it starts with {bytes(buf[:4])!r})")
+        header = read_header(buf, keep_strings=False)
+        return header, _summary(header, buf)
+
+
+def _split_position(header: GGUFHeader) -> tuple[int, int]:
+    """split.no (from 0) and split.count, as llama.cpp's split writer sets them."""
+    count = _int(header.fields.get("split.count"), 1)
+    return _int(header.fields.get("split.no"), 0), max(count, 1)
 
 
 def _summary(header: GGUFHeader, buf: Any) -> GGUFSummary:

@@ -19,7 +19,12 @@ n_ctx 512, 4096 and 16384. Not counted: the repacked copies llama.cpp makes of s
 quantized tensors for faster CPU kernels ("CPU_REPACK", 12.7 MiB for Gemma 3 270M).
 
 Layers offloaded to a GPU or to RPC servers (n_gpu_layers) take their share of the
-weights and of the KV cache off this machine; the estimate splits them by layer count.
+weights and of the KV cache to the device, split by layer count, and a compute buffer
+there too: the device's part is that share plus the compute buffer, the host's the rest
+plus the output buffer. When some layers stay on the host, the host keeps a compute
+buffer of its own, counted in full on both sides (an upper estimate: llama.cpp sizes
+each for the part of the graph it runs). Where the offloaded part lands (a GPU, RPC
+servers, or this machine's RAM when the build has no GPU) is runner/memory_check.py's.
 """
 
 from __future__ import annotations
@@ -36,20 +41,42 @@ CTX_PAD = 256  # llama.cpp pads n_ctx to a multiple of this
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """Bytes one model takes: on this machine (`host`) and on its offload devices."""
+    """Bytes one model takes, and the share of its layers offloaded (0 to 1)."""
 
     weights: int
     kv_cache: int
-    buffers: int  # output and compute buffers
-    offloaded: int  # of weights and KV cache, on a GPU or RPC servers
+    output: int  # one row of logits per sequence: always on the host
+    compute: int  # the graph's scratch space for one ubatch
+    offload_share: float = 0.0
 
     @property
-    def host(self) -> int:
-        return self.weights + self.kv_cache + self.buffers - self.offloaded
+    def buffers(self) -> int:
+        return self.output + self.compute
 
     @property
     def total(self) -> int:
+        """All of it on this machine: no offload, or none that llama.cpp can do."""
         return self.weights + self.kv_cache + self.buffers
+
+    @property
+    def offloaded_layers(self) -> int:
+        """The offloaded layers' weights and KV cache, split by layer count."""
+        return int(self.offload_share * (self.weights + self.kv_cache))
+
+    @property
+    def offloaded(self) -> int:
+        """On the offload device(s): the layers' share of weights and KV cache, and a
+        compute buffer."""
+        if self.offload_share <= 0:
+            return 0
+        return self.offloaded_layers + self.compute
+
+    @property
+    def host(self) -> int:
+        """On this machine when the offload happens: the layers kept here, the output
+        buffer, and a compute buffer unless every layer is offloaded."""
+        kept = self.weights + self.kv_cache - self.offloaded_layers
+        return kept + self.output + (self.compute if self.offload_share < 1 else 0)
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -66,10 +93,10 @@ def estimate_memory(
     compute = N_UBATCH * LOGIT_BYTES * (summary.n_vocab + summary.n_embd + summary.n_ff)
     layers = summary.n_layer or 1
     share = 1.0 if n_gpu_layers < 0 else min(n_gpu_layers, layers) / layers
-    offloaded = int(share * (summary.weights_bytes + kv_cache))
     return MemoryNeed(
         weights=summary.weights_bytes,
         kv_cache=kv_cache,
-        buffers=output + compute,
-        offloaded=offloaded,
+        output=output,
+        compute=compute,
+        offload_share=share,
     )

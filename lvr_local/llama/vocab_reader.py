@@ -46,8 +46,9 @@ CACHE_FORMAT = 3
 
 def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
     """The vocabulary of a GGUF file, from the disk cache when the file is unchanged."""
+    given = Path(path).expanduser()
     try:
-        path = Path(path).expanduser().resolve()
+        path = given.resolve()
     except (OSError, RuntimeError) as e:  # Python 3.11 raises RuntimeError on a link loop
         raise ModelFileError(f"cannot open the model file {path}: {_resolve_error(e)}") from e
     name = name or path.stem
@@ -57,7 +58,9 @@ def load_vocabulary(path: Path | str, name: str | None = None) -> Vocabulary:
             return _read_cache(cache_file, path, name)
         except Exception:  # any damage (truncated, not a zip, wrong arrays): a miss
             pass  # rebuilt below, and replaced atomically
-    vocab = read_vocabulary_from_llama(path, name)
+    # llama.cpp reads the name given: the first part of a split model behind a link (the
+    # Hugging Face cache's) finds its other parts by that name, not by its target's
+    vocab = read_vocabulary_from_llama(given, name)
     if cache_file is not None:
         _write_cache(cache_file, vocab)
     return vocab

@@ -88,7 +88,7 @@ _MODEL_KEYS: dict[str, Check] = {
     "name": ((str,), "a non-empty name", lambda v: bool(v.strip())),
     "source": (
         (str,),
-        "a .gguf path, package:NAME, or ollama:, hf: or lmstudio: NAME",
+        "a .gguf path, package:NAME, or an ollama:, hf:, lmstudio:, gpt4all: or jan: NAME",
         lambda v: bool(v.strip()),
     ),
     "weight": ((int, float), WEIGHT, is_weight),

