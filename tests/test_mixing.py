@@ -23,7 +23,7 @@ from lvr_local.core.posterior import Posterior
 from lvr_local.core.reduction import EngineOptions
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import Ensemble
-from lvr_local.decoding.roles import detect_role, format_transcript
+from lvr_local.decoding.roles import PREAMBLE, detect_role, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.decoding.scoring import Scoring
 from lvr_local.errors import LvrError
@@ -185,4 +185,7 @@ def test_roles_from_gguf_metadata() -> None:
         Message("user", "Bye"),
     ]
     transcript = format_transcript(messages)
-    assert transcript == "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant: "
+    assert transcript.startswith(PREAMBLE)  # a finished exchange first: answer, not copy
+    assert transcript.endswith(
+        "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant: "
+    )

@@ -31,6 +31,17 @@ CHAT_NAME = re.compile(r"(instruct|chat|(^|[\s_-])it($|[\s_-]))", re.IGNORECASE)
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATORS = ("\nUser:", "\nAssistant:")
 
+# What the transcript begins with: who is speaking, and one finished exchange, so that
+# a base model reads the assistant's line as an answer to write, not as a line to copy.
+# Without it Gemma 3 270M echoed the README's first command in 4 of 10 seeds (README,
+# "Measured"). The exchange is content-free on purpose: its words leak into replies.
+PREAMBLE = (
+    "A chat between a curious user and a helpful assistant. The assistant answers each "
+    "request directly, in its own words.\n\n"
+    "User: Hello.\n"
+    "Assistant: Hello. What can I do for you?\n"
+)
+
 
 def detect_role(vocab: Vocabulary, chat_template: str | None = None) -> str:
     """'chat' when the model carries a chat template (its GGUF's, or one configured in
@@ -48,7 +59,7 @@ def role_from_metadata(has_chat_template: bool, finetune: str | None, name: str 
 
 
 def format_transcript(messages: Sequence[Message]) -> str:
-    """A conversation as plain text for a base model, ending where the assistant's
-    reply begins: "User: ...\\nAssistant: "."""
+    """A conversation as plain text for a base model: the preamble, then one line per
+    message, ending where the assistant's reply begins: "User: ...\\nAssistant: "."""
     lines = [f"{SPEAKERS[m.role]}: {m.content.strip()}" for m in messages]
-    return "\n".join([*lines, f"{SPEAKERS['assistant']}: "])
+    return PREAMBLE + "\n".join([*lines, f"{SPEAKERS['assistant']}: "])
