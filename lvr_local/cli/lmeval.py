@@ -141,3 +141,7 @@ def print_table(system: str, results: dict[str, Any]) -> None:
     click.echo(make_table(results))
     if results.get("groups"):
         click.echo(make_table(results, "groups"))
+    timings = ", ".join(
+        f"{kind} {t['mean']:.2f} s ({t['requests']})" for kind, t in results["lvr_seconds"].items()
+    )
+    click.echo(f"seconds per request computed (requests): {timings or 'none, all cached'}")

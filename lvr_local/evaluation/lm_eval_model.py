@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -86,6 +87,7 @@ class LvrLM(LM):
         self.settings = settings
         self.greedy_check = greedy_check
         self.progress = progress
+        self.seconds: dict[str, list[float]] = {}  # request type -> each request's seconds
 
     # ----------------------------------------------------------------- the three calls
 
@@ -125,7 +127,9 @@ class LvrLM(LM):
         answers: list[Any] = []
         self.progress(f"{self.system.name} {kind}", 0, len(requests))
         for n, request in enumerate(requests, 1):
+            t0 = time.perf_counter()
             answer = one(*request.args)
+            self.seconds.setdefault(kind, []).append(time.perf_counter() - t0)
             self.cache_hook.add_partial(kind, request.args, answer)
             answers.append(answer)
             self.progress(f"{self.system.name} {kind}", n, len(requests))

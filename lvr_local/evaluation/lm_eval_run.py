@@ -84,7 +84,8 @@ def evaluate_system(
     cache_db: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """lm-eval's results dict for one system (with `samples`)."""
+    """lm-eval's results dict for one system (with `samples`), and under
+    `lvr_seconds` the mean seconds per request computed here, by request type."""
     model = LvrLM(runner, system, settings, greedy_check=options.greedy_check)
     if progress is not None:
         model.progress = progress
@@ -101,6 +102,10 @@ def evaluate_system(
     )
     if results is None:  # only a secondary rank gets None; this is a single process
         raise LvrError("lm-eval returned no results")
+    results["lvr_seconds"] = {
+        kind: {"requests": len(times), "mean": sum(times) / len(times)}
+        for kind, times in model.seconds.items()
+    }
     return results
 
 
