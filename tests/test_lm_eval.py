@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from lvr_local.evaluation.systems import loglikelihood, parse_system
 lm_eval = pytest.importorskip("lm_eval")  # the test extra installs it
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from test_server import KEY, LiveServer, serve_home, start_server, wait_until_ready  # noqa: E402
 
 from lvr_local.evaluation.harness import Evaluation, evaluate_item  # noqa: E402
 from lvr_local.evaluation.lm_eval_model import (  # noqa: E402
@@ -158,10 +160,16 @@ def runner(bundled_paths: dict[str, Path]) -> Iterator[Runner]:
         yield loaded.load()
 
 
-def run_tasks(runner: Runner, system: str, tasks: tuple[str, ...], **options: object) -> dict:
+def run_tasks(
+    runner: Runner,
+    system: str,
+    tasks: tuple[str, ...],
+    settings: RunSettings = SETTINGS,
+    **options: object,
+) -> dict:
     manager = task_manager(tasks, TASKS)
     opts = LmEvalOptions(tasks=tasks, bootstrap_iters=0, **options)  # type: ignore[arg-type]
-    return evaluate_system(runner, parse_system(system, MEMBERS), SETTINGS, opts, manager)
+    return evaluate_system(runner, parse_system(system, MEMBERS), settings, opts, manager)
 
 
 @pytest.mark.slow
@@ -179,7 +187,11 @@ def test_multiple_choice_equals_lvr_evals_own_choice_view(runner: Runner, system
         assert theirs == pytest.approx(ours["logprobs"], abs=1e-4)
         assert all(lp < 0 for lp in theirs)
         assert sample["acc"] == float(ours["metrics"]["acc"][0])
-        assert sample["acc_norm"] == float(ours["metrics"]["acc_norm"][0])
+        # lm-eval's acc_norm divides by the choice's characters, the delimiter left out
+        # (lvr eval's by the continuation's bytes, its space included)
+        choices = item.fields["choices"]
+        per_char = max(range(len(choices)), key=lambda i: theirs[i] / len(choices[i]))
+        assert sample["acc_norm"] == float(per_char == item.fields["label"])
 
 
 @pytest.mark.slow
@@ -285,3 +297,70 @@ def test_the_command_prints_each_table_and_a_rerun_comes_from_the_cache(
     assert "loglikelihood: 0/" not in again.output  # nothing left to compute
     tables = [line for line in first.output.splitlines() if line.startswith("|")]
     assert tables == [line for line in again.output.splitlines() if line.startswith("|")]
+
+
+# ----------------------------------------------------------------- slow: through lvr serve
+
+
+@pytest.fixture(scope="module")
+def server(
+    bundled_paths: dict[str, Path], shared_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`lvr serve` on the shipped models.toml (the bundled pair), greedy and exact, so
+    that its replies repeat the in-process ones."""
+    home = tmp_path_factory.mktemp("serve-home")
+    options = ["--greedy", "--numerics", "exact"]
+    live = start_server(serve_home(shared_home, home), home / "server.log", *options)
+    try:
+        wait_until_ready(live)
+        yield live
+    finally:
+        live.process.send_signal(signal.SIGTERM)
+        live.process.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("api", "path", "system", "chat"),
+    [
+        ("local-completions", "/v1/completions", "bytes", False),
+        ("local-chat-completions", "/v1/chat/completions", "mcv", True),
+    ],
+)
+def test_generate_until_through_lvr_serve_repeats_the_lvr_model(
+    server: LiveServer,
+    runner: Runner,
+    monkeypatch: pytest.MonkeyPatch,
+    api: str,
+    path: str,
+    system: str,
+    chat: bool,
+) -> None:
+    """lm-eval's own API models against `lvr serve` (no tokenizer: none of the members'
+    is the ensemble's): the same replies as LvrLM in process. The server counts
+    max_tokens in pieces (bytes, for the raw ensemble), LvrLM gives bytes 4 per token,
+    so the server's reply is a prefix of LvrLM's."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    manager = task_manager(("lvr_test_gsm",), TASKS)
+    args = {
+        "base_url": server.url + path,
+        "model": "lvr-ensemble",
+        "tokenizer_backend": None,
+        "tokenized_requests": False,
+    }
+    through = lm_eval.simple_evaluate(
+        model=api,
+        model_args=args,
+        tasks=["lvr_test_gsm"],
+        limit=1,
+        apply_chat_template=chat,
+        task_manager=manager,
+        bootstrap_iters=0,
+    )
+    assert through is not None
+    served = through["samples"]["lvr_test_gsm"][0]["resps"][0][0]
+    local = run_tasks(
+        runner, system, ("lvr_test_gsm",), limit=1, apply_chat_template=chat, settings=EXACT
+    )
+    ours = local["samples"]["lvr_test_gsm"][0]["resps"][0][0]
+    assert served.strip() and ours.startswith(served)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from lvr_local.cli.common import model_options, model_specs, open_runner, settin
 from lvr_local.cli.eval import ProgressLine, print_comparisons
 from lvr_local.errors import LvrError
 from lvr_local.evaluation.systems import default_system_names, parse_systems
+from lvr_local.runner.config import ModelSpec
+from lvr_local.runner.settings import RunSettings
 
 INSTALL = "lm-eval is not installed: pip install 'lvr-local[lm-eval]' (or pip install lm-eval)"
 
@@ -120,7 +123,7 @@ def lm_eval_command(ctx: click.Context, **kw: Any) -> None:
     print_comparisons([vars(c) for c in comparisons(per_system, members, kw["seed"])])
 
 
-def settings_digest(specs: Any, settings: Any) -> str:
+def settings_digest(specs: Sequence[ModelSpec], settings: RunSettings) -> str:
     """What the answers depend on besides the system: the models and the settings."""
     fingerprint = {
         "models": [f"{s.name}={s.source}@{s.weight:g}" for s in specs],

@@ -87,8 +87,7 @@ def evaluate_system(
     """lm-eval's results dict for one system (with `samples`), and under
     `lvr_seconds` the mean seconds per request computed here, by request type."""
     model = LvrLM(runner, system, settings, greedy_check=options.greedy_check)
-    if progress is not None:
-        model.progress = progress
+    model.progress = progress or model.progress
     results = lm_eval.simple_evaluate(
         model=model,
         tasks=list(options.tasks),
