@@ -23,6 +23,7 @@ from lvr_local.evaluation.systems import loglikelihood, parse_system
 lm_eval = pytest.importorskip("lm_eval")  # the test extra installs it
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.model import CachingLM  # noqa: E402
 from test_server import KEY, LiveServer, serve_home, start_server, wait_until_ready  # noqa: E402
 
 from lvr_local.evaluation.harness import Evaluation, evaluate_item  # noqa: E402
@@ -232,6 +233,26 @@ def test_is_greedy_is_what_greedy_decoding_writes(runner: Runner) -> None:
     assert is_greedy and not other_greedy
     assert logp > logp_other
     assert logp == pytest.approx(loglikelihood(runner, lm.system, context, greedy, EXACT), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_keeps_its_answers_in_lm_evals_cache(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """Each answer reaches lm-eval's SQLite cache as soon as it is computed: a run that
+    fails (or is interrupted) after the first request keeps it, and a rerun computes
+    nothing for it."""
+    lm = LvrLM(runner, parse_system("smollm2-135m", MEMBERS), SETTINGS, greedy_check=False)
+    cached = CachingLM(lm, str(tmp_path / "cache.db"))
+    good = request("loglikelihood", "The sky is", " blue")
+    broken = request("loglikelihood", CHAT_MARK + "not a conversation", " blue")
+    with pytest.raises(ValueError):
+        cached.loglikelihood([good, broken])
+    lm.seconds.clear()
+    ((logp, greedy),) = cached.loglikelihood([good])
+    assert lm.seconds == {}  # answered from the cache
+    expected = loglikelihood(runner, lm.system, "The sky is", " blue", SETTINGS)
+    assert logp == pytest.approx(expected, abs=1e-6) and logp < 0 and not greedy
 
 
 @pytest.mark.slow
