@@ -190,8 +190,9 @@ def greedy_continues(
 ) -> bool:
     """Whether greedy decoding by `system` (over its own pieces: a member's tokens, the
     MCV or bytes) after `context` begins with `continuation`: lm-eval's `is_greedy`.
-    The generation stops at the first piece that leaves the continuation, so a wrong
-    guess costs a forward pass or two; a right one, one per piece of the continuation."""
+    Unpenalised, as the distribution `loglikelihood` scores. The generation stops at
+    the first piece that leaves the continuation, so a wrong guess costs a forward pass
+    or two; a right one, one per piece of the continuation."""
     target = continuation.encode("utf-8")
     if not target:
         return True
@@ -199,6 +200,10 @@ def greedy_continues(
     greedy = replace(
         system.settings(settings),
         temperature=0.0,
+        repeat_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        dry_multiplier=0.0,
         stop=(),
         max_bytes=len(target),
         max_pieces=len(target),

@@ -211,9 +211,10 @@ class Runner:
         returned Scoring for one event per byte, then take its `record()`. `settings`
         (default: the runner's) choose the method, rule, pruning and numerics. With
         `messages`, `text` is scored as the reply to that conversation instead, each
-        member reading it in its own format (as `chat` does)."""
+        member reading it in its own format (as `chat` does), and the settings the
+        conversation profile leaves unset (the rule among them) are that profile's."""
         base = replace(settings or self.settings, sub_vocab="bytes")
-        _, ensemble = self._for_run(base, "raw", scoring=True)
+        _, ensemble = self._for_run(base, "raw" if messages is None else "chat", scoring=True)
         return Scoring(ensemble, text, prompt, messages)
 
     def _for_run(
