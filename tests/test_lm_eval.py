@@ -86,6 +86,10 @@ def test_unknown_tasks_and_systems_fail_before_the_models_load() -> None:
     assert "loading" not in result.output
     result = CliRunner().invoke(cli, [*args, "lvr_test_choice", "--systems", "mcv:median"])
     assert result.exit_code == 1 and "Error: unknown system 'mcv:median'" in result.output
+    result = CliRunner().invoke(cli, [*args, " , "])
+    assert result.exit_code == 1 and "Error: --tasks: expected one or more" in result.output
+    result = CliRunner().invoke(cli, [*args, "lvr_test_choice", "--limit", "0"])
+    assert result.exit_code == 2 and "--limit" in result.output
 
 
 def test_max_gen_toks_until_and_sampling_become_run_settings() -> None:

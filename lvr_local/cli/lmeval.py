@@ -40,12 +40,15 @@ def require_lm_eval() -> None:
 @click.option("--tasks", required=True, help="Comma-separated lm-eval tasks or groups.")
 @click.option("--num_fewshot", type=click.IntRange(min=0), help="Few-shot examples per prompt.")
 @click.option(
-    "--limit", type=float, help="Only the first N documents per task (a fraction when < 1)."
+    "--limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Only the first N documents per task (a fraction of them when < 1).",
 )
 @click.option(
     "--include_path",
     type=click.Path(path_type=Path),
-    help="A folder of extra task YAML files (relative data paths in them are read from here).",
+    help="A folder of extra task YAML files (relative data paths in them are read from the "
+    "current directory, as lm-eval reads them).",
 )
 @click.option(
     "--output_path",
@@ -63,7 +66,13 @@ def require_lm_eval() -> None:
     is_flag=True,
     help="Prompts as conversations, each model in its own format (as lvr chat).",
 )
-@click.option("--bootstrap_iters", type=click.IntRange(min=0), default=100_000, show_default=True)
+@click.option(
+    "--bootstrap_iters",
+    type=click.IntRange(min=0),
+    default=100_000,
+    show_default=True,
+    help="lm-eval's resamplings for the standard errors of its table (0: none).",
+)
 @click.option(
     "--no-greedy-check",
     is_flag=True,
@@ -97,6 +106,8 @@ def lm_eval_command(ctx: click.Context, **kw: Any) -> None:
         bootstrap_iters=kw["bootstrap_iters"],
         greedy_check=not kw["no_greedy_check"],
     )
+    if not options.tasks:
+        raise LvrError("--tasks: expected one or more task names, comma-separated")
     settings = settings_from(ctx, kw, temperature=0.0)
     specs = model_specs(ctx, kw["models"], kw["weights"])
     members = [s.name for s in specs]
