@@ -24,6 +24,7 @@ from lvr_local.cli.decode import chat, generate, score
 from lvr_local.cli.doctor import doctor
 from lvr_local.cli.eval import eval_command
 from lvr_local.cli.inspect import common, models, paths, settings, vocab
+from lvr_local.cli.lmeval import lm_eval_command
 from lvr_local.cli.pair import pair
 from lvr_local.cli.rpc import rpc_build, rpc_server
 from lvr_local.cli.serve import serve
@@ -65,7 +66,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
 
 
 _COMMANDS = (models, vocab, common, pair, paths, settings, doctor)
-_COMMANDS += (generate, chat, score, eval_command, serve)
+_COMMANDS += (generate, chat, score, eval_command, lm_eval_command, serve)
 for _command in (*_COMMANDS, bench, tui, rpc_server, rpc_build):
     cli.add_command(_command)
 

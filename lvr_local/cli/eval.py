@@ -28,7 +28,7 @@ from lvr_local.cli.common import (
 )
 from lvr_local.errors import LvrError
 from lvr_local.evaluation.harness import VIEWS, Evaluation, run
-from lvr_local.evaluation.results import ResultLog, summarize
+from lvr_local.evaluation.results import ResultLog, base_metric, summarize
 from lvr_local.evaluation.sandbox import network_isolation
 from lvr_local.evaluation.systems import default_system_names, parse_systems
 from lvr_local.evaluation.tasks import Task, load_task
@@ -202,12 +202,17 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append([name, *values, items, seconds, first_later])
     click.echo(f"{summary['task']} ({summary['kind']}), {summary['items']} items")
     click.echo(table(headers, lines))
-    for c in summary["comparisons"]:
-        scale = 100 if c["metric"] in PERCENT else 1
+    print_comparisons(summary["comparisons"])
+    click.echo(f"results: {summary['output']}")
+
+
+def print_comparisons(comparisons: list[dict[str, Any]]) -> None:
+    """Each system against the best model: the difference and its interval."""
+    for c in comparisons:
+        scale = 100 if base_metric(c["metric"]) in PERCENT else 1
         unit = " points" if scale == 100 else ""
         click.echo(
             f"{c['system']} - {c['baseline']} (best model), {c['metric']}: "
             f"{scale * c['difference']:+.4g}{unit}, 95% paired-bootstrap interval "
             f"[{scale * c['low']:+.4g}, {scale * c['high']:+.4g}] over {c['n_items']} items"
         )
-    click.echo(f"results: {summary['output']}")

@@ -9,10 +9,11 @@ number comparable across tokenizers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lvr_local.core.chat import Message
 from lvr_local.decoding.byte_phase import byte_pieces
 from lvr_local.decoding.ensemble import Ensemble, PieceEvent
 from lvr_local.errors import LvrError
@@ -22,7 +23,13 @@ class Scoring:
     """Scores `text` after `prompt` byte by byte: iterate for one event per byte (or call
     `run()`), then `record()` gives the totals."""
 
-    def __init__(self, ensemble: Ensemble, text: bytes, prompt: bytes = b"") -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        text: bytes,
+        prompt: bytes = b"",
+        messages: Sequence[Message] | None = None,
+    ) -> None:
         if ensemble.sub.kind != "bytes":
             raise LvrError("scoring needs the byte sub-vocabulary")
         if not text:
@@ -30,13 +37,17 @@ class Scoring:
         self.ensemble = ensemble
         self.text = text
         self.prompt = prompt
+        self.messages = messages  # given: the text is the reply to this conversation
         self.member_logp = np.zeros(len(ensemble.members))
         self.ensemble_logp = 0.0
         self.n_scored = 0
         self.left: dict[int, int] = {}  # member -> the byte it could not spell
 
     def __iter__(self) -> Iterator[PieceEvent]:
-        self.ensemble.start_raw(self.prompt, known=self.text)
+        if self.messages is not None:  # each member reads it in its own format
+            self.ensemble.start_chat(self.messages)
+        else:
+            self.ensemble.start_raw(self.prompt, known=self.text)
         pieces = byte_pieces(self.ensemble.sub, self.text)
         for index, piece in enumerate(pieces.tolist()):
             # The rest of the text is known: pruning keeps what can spell it.

@@ -206,6 +206,11 @@ def paired_bootstrap(
     return float(difference), float(low), float(high)
 
 
+def base_metric(key: str) -> str:
+    """The metric a key names: `bits_per_byte`, or lm-eval's `TASK/METRIC,FILTER`."""
+    return key.rpartition("/")[2].partition(",")[0]
+
+
 def metric_pairs(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list]]:
     """(system, metric) -> {item id: (numerator, denominator)}."""
     table: dict[tuple[str, str], dict[str, list]] = {}
@@ -228,7 +233,7 @@ def compare(
         scored = [m for m in members if (m, metric) in pairs and m in systems]
         if not scored:
             continue
-        sign = -1 if metric in LOWER_IS_BETTER else 1
+        sign = -1 if base_metric(metric) in LOWER_IS_BETTER else 1
         best = max(scored, key=lambda m: sign * ratio(pairs[(m, metric)].values()))
         for system in systems:
             if system in members or (system, metric) not in pairs:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from lvr_local.core.chat import Message
 from lvr_local.core.combine import RULES
 from lvr_local.errors import LvrError
 from lvr_local.runner.run import Runner
@@ -112,13 +113,24 @@ class Generation:
     forward_passes: int  # llama_decode calls for the continuation, summed over members
 
 
-def generate(runner: Runner, system: System, prompt: str, settings: RunSettings) -> Generation:
+def generate(
+    runner: Runner,
+    system: System,
+    prompt: str,
+    settings: RunSettings,
+    messages: Sequence[Message] | None = None,
+) -> Generation:
     """Continue a raw `prompt` with `system` under `settings` (stop strings, budget,
-    sampling) until END, a stop string or the budget: lm-eval's `generate_until`."""
+    sampling) until END, a stop string or the budget: lm-eval's `generate_until`. With
+    `messages` (a conversation) the reply to it instead, each member reading it in its
+    own format, as `lvr chat` does; `prompt` is then unused."""
     runner.set_enabled(system.enabled)
     before = runner.counters()
     t0 = time.perf_counter()
-    run = runner.complete(prompt.encode("utf-8"), system.settings(settings))
+    if messages is not None:
+        run = runner.chat(messages, system.settings(settings))
+    else:
+        run = runner.complete(prompt.encode("utf-8"), system.settings(settings))
     after = runner.counters()
     for _ in run:
         pass
@@ -139,15 +151,25 @@ def _delta(before: list[dict[str, int]], after: list[dict[str, int]], key: str) 
 
 
 def loglikelihood(
-    runner: Runner, system: System, context: str, continuation: str, settings: RunSettings
+    runner: Runner,
+    system: System,
+    context: str,
+    continuation: str,
+    settings: RunSettings,
+    messages: Sequence[Message] | None = None,
 ) -> float:
     """Exact log P(continuation | context) in nats under `system`, over bytes, so the
     same number whatever the tokenizers: lm-eval's `loglikelihood` (and
-    `loglikelihood_rolling` with context ""). -inf when the system cannot spell it."""
+    `loglikelihood_rolling` with context ""). -inf when the system cannot spell it; 0
+    for an empty continuation. With `messages`, the continuation is the reply to that
+    conversation (`context` unused)."""
     runner.set_enabled(system.enabled)
     data = continuation.encode("utf-8")
+    if not data:
+        return 0.0
     try:
-        record = runner.score(data, context.encode("utf-8"), system.settings(settings)).run()
+        scoring = runner.score(data, context.encode("utf-8"), system.settings(settings), messages)
+        record = scoring.run()
     except LvrError as e:
         if "impossible" in str(e):
             return -math.inf
@@ -156,3 +178,41 @@ def loglikelihood(
         name = runner.members[system.enabled.index(True)].name
         return float(record["models"][name]["logprob"])  # type: ignore[index]
     return float(record["ensemble"]["logprob"])  # type: ignore[index]
+
+
+def greedy_continues(
+    runner: Runner,
+    system: System,
+    context: str,
+    continuation: str,
+    settings: RunSettings,
+    messages: Sequence[Message] | None = None,
+) -> bool:
+    """Whether greedy decoding by `system` (over its own pieces: a member's tokens, the
+    MCV or bytes) after `context` begins with `continuation`: lm-eval's `is_greedy`.
+    Unpenalised, as the distribution `loglikelihood` scores. The generation stops at
+    the first piece that leaves the continuation, so a wrong guess costs a forward pass
+    or two; a right one, one per piece of the continuation."""
+    target = continuation.encode("utf-8")
+    if not target:
+        return True
+    runner.set_enabled(system.enabled)
+    greedy = replace(
+        system.settings(settings),
+        temperature=0.0,
+        repeat_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        dry_multiplier=0.0,
+        stop=(),
+        max_bytes=len(target),
+        max_pieces=len(target),
+    )
+    if messages is not None:
+        run = runner.chat(messages, greedy)
+    else:
+        run = runner.complete(context.encode("utf-8"), greedy)
+    for _ in run:
+        if not target.startswith(run.data):
+            run.stop()
+    return run.data[: len(target)] == target

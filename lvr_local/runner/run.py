@@ -201,14 +201,21 @@ class Runner:
         return Run(self, ensemble, resolved, stop, top_n)
 
     def score(
-        self, text: bytes, prompt: bytes = b"", settings: RunSettings | None = None
+        self,
+        text: bytes,
+        prompt: bytes = b"",
+        settings: RunSettings | None = None,
+        messages: Sequence[Message] | None = None,
     ) -> Scoring:
         """The exact log-probability of `text` after `prompt`, over bytes: iterate the
         returned Scoring for one event per byte, then take its `record()`. `settings`
-        (default: the runner's) choose the method, rule, pruning and numerics."""
+        (default: the runner's) choose the method, rule, pruning and numerics. With
+        `messages`, `text` is scored as the reply to that conversation instead, each
+        member reading it in its own format (as `chat` does), and the settings the
+        conversation profile leaves unset (the rule among them) are that profile's."""
         base = replace(settings or self.settings, sub_vocab="bytes")
-        _, ensemble = self._for_run(base, "raw", scoring=True)
-        return Scoring(ensemble, text, prompt)
+        _, ensemble = self._for_run(base, "raw" if messages is None else "chat", scoring=True)
+        return Scoring(ensemble, text, prompt, messages)
 
     def _for_run(
         self, settings: RunSettings | None, mode: str, *, scoring: bool = False
