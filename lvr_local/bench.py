@@ -2,8 +2,9 @@
 
 Every decoder generates greedily from the same prompt: each model through plain
 llama-cpp-python (native), each model alone through the reduction engine, and the
-ensembles over the common vocabulary (at once and in turn) and over bytes. The runs take
-turns in blocks of steps, so a burst of load on a shared machine hits all alike, and the
+ensembles over the common vocabulary (at once and in turn) and over bytes, each with raw
+completion's rule (the product). The runs take turns of equal time, so a burst of load
+on a shared machine hits all alike, and the
 report gives ratios between runs of one process, never absolute targets.
 `python -m lvr_local.benchmarks ensemble` prints the same report for the bundled pair.
 """
@@ -26,6 +27,10 @@ from lvr_local.runner.run import Runner
 from lvr_local.runner.settings import RunSettings
 
 PROMPT = b"Question: What is 12 plus 30?\nAnswer:"
+# The ensembles are timed over the same length of text, this many bytes per step of the
+# other runs (about the MCV ensemble's bytes per piece): a byte-level ensemble writes a
+# byte a step, and bytes/s over texts of different lengths would not compare.
+ENSEMBLE_BYTES_PER_STEP = 2
 
 
 @dataclass(frozen=True)
@@ -120,15 +125,18 @@ class EnsembleRun:
         **changed: float,
     ) -> None:
         settings = RunSettings(n_ctx=2048, sub_vocab=sub_vocab, n_threads=threads or 0)
-        settings = replace(settings, **changed)
+        settings = replace(settings, **changed).for_mode("raw")
         self.runner = Runner(specs, settings, concurrent=concurrent).load()
         self.ensemble = self.runner.ensemble
+        self.ensemble.mixing = settings.mixing()  # what `lvr generate --raw` combines by
         self.ensemble.start_raw(PROMPT + b" ")
         self.n_bytes = 0
+        self.steps = 0
         self._after_prompt = self._work_so_far()  # the prompt's work is not the generation's
 
     def step(self) -> None:
         self.n_bytes += len(self.ensemble.step(greedy_without_end).text)
+        self.steps += 1
 
     def _work_so_far(self) -> tuple[int, int]:
         counters = [b.counters for b in self.runner.backends]
@@ -155,17 +163,20 @@ class Decoder(Protocol):
     def close(self) -> None: ...
 
 
-def measure(specs: Sequence[ModelSpec], n_steps: int = 128, block: int = 8) -> BenchReport:
+def measure(specs: Sequence[ModelSpec], n_steps: int = 128, block_s: float = 0.1) -> BenchReport:
     """Native speed of each model and ensemble speeds, measured side by side in one run:
-    the runs take turns, `block` steps each, so that a burst of load on a shared machine
-    hits all alike. Blocks rather than single steps: right after another context's
-    decode, llama.cpp's idle threads still spin for a while and slow the next run."""
+    the runs take turns, about `block_s` seconds each, so that a burst of load on a
+    shared machine hits all alike. Turns of equal time rather than single steps: right
+    after another context's decode, llama.cpp's idle threads still spin for a while and
+    slow the next run's first step, and equal turns give every run the same number of
+    such switches per second (turns of 8 steps gave a byte-level ensemble, at one byte a
+    step, twice the switches per byte of the MCV ensemble)."""
     from lvr_local.machine import physical_cores
 
     threads = physical_cores()
     runs = _decoders(specs, threads)
     try:
-        total = _time_in_blocks(runs, n_steps, block)
+        total = _time_in_turns(runs, n_steps, block_s)
         return _report(runs, total, n_steps, threads, [s.name for s in specs])
     finally:
         for run in runs.values():
@@ -197,19 +208,34 @@ def _decoders(specs: Sequence[ModelSpec], threads: int) -> dict[str, Decoder]:
     return runs
 
 
-def _time_in_blocks(runs: dict[str, Decoder], n_steps: int, block: int) -> dict[str, float]:
-    """Total seconds of each run's `n_steps` steps, the runs taking turns by blocks.
-    Rates come from total time (throughput): byte-level steps are bimodal (a forward
-    pass or none), so a median step would misstate them."""
+def _time_in_turns(runs: dict[str, Decoder], n_steps: int, turn_s: float) -> dict[str, float]:
+    """Total seconds of each run's `n_steps` steps (an ensemble's: until it has written
+    ENSEMBLE_BYTES_PER_STEP * n_steps bytes), the runs taking turns of about `turn_s`
+    seconds, each round starting one run later. Rates come from total time
+    (throughput): byte-level steps are bimodal (a forward pass or none), so a median
+    step would misstate them."""
     labels = list(runs)
     total = dict.fromkeys(labels, 0.0)
-    for i in range(0, n_steps, block):
-        shift = (i // block) % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            for _ in range(min(block, n_steps - i)):
+    done = dict.fromkeys(labels, 0)
+
+    def finished(label: str) -> bool:
+        run = runs[label]
+        if label.startswith("ensemble") and isinstance(run, EnsembleRun):
+            return run.n_bytes >= ENSEMBLE_BYTES_PER_STEP * n_steps
+        return done[label] >= n_steps
+
+    rounds = 0
+    while waiting := [label for label in labels if not finished(label)]:
+        shift = rounds % len(waiting)
+        for label in waiting[shift:] + waiting[:shift]:
+            spent = 0.0
+            while not finished(label) and spent < turn_s:
                 start = time.perf_counter()
                 runs[label].step()
-                total[label] += time.perf_counter() - start
+                spent += time.perf_counter() - start
+                done[label] += 1
+            total[label] += spent
+        rounds += 1
     return total
 
 
@@ -221,7 +247,9 @@ def _report(
 
     t_native = {name: total[f"native {name}"] / n_steps for name in names}
     ensembles = _ensemble_rates(runs, total, n_steps, 1.0 / sum(t_native.values()))
-    in_turn = total["ensemble mcv, in turn"] / n_steps  # same threads as native
+    in_turn_run = runs["ensemble mcv, in turn"]
+    assert isinstance(in_turn_run, EnsembleRun)
+    in_turn = total["ensemble mcv, in turn"] / in_turn_run.steps  # same threads as native
     return BenchReport(
         steps=n_steps,
         threads=threads,
@@ -264,7 +292,7 @@ def _ensemble_rates(
     for label, run in runs.items():
         if not isinstance(run, EnsembleRun) or not label.startswith("ensemble"):
             continue
-        rate = n_steps / total[label]
+        rate = run.steps / total[label]
         calls, rows = run.work()
         rates[label] = EnsembleRate(
             threads=[b.n_threads for b in run.runner.backends],
@@ -272,15 +300,19 @@ def _ensemble_rates(
             pieces_per_s=round(rate, 1),
             bytes_per_s=round(run.n_bytes / total[label], 1),
             ratio_to_ideal=round(rate / ideal, 3),
-            forward_passes_per_piece=round(calls / n_steps, 2),
-            rows_per_piece=round(rows / n_steps, 2),
+            forward_passes_per_piece=round(calls / run.steps, 2),
+            rows_per_piece=round(rows / run.steps, 2),
         )
     return rates
 
 
 def print_report(report: BenchReport) -> None:
     native = report.native_tokens_per_s
-    print(f"{report.steps} greedy steps each, side by side, n_threads={report.threads}")
+    print(
+        f"{report.steps} greedy steps each (the ensembles: "
+        f"{ENSEMBLE_BYTES_PER_STEP * report.steps} bytes of text each), side by side, "
+        f"n_threads={report.threads}"
+    )
     for name, rate in native.items():
         alone = report.native_one_thread_tokens_per_s.get(name)
         with_one = f" ({alone} with 1 thread)" if alone else ""

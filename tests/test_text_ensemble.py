@@ -193,3 +193,35 @@ def test_default_raw_completion_keeps_the_prompts_indentation_and_never_loops(
     assert all(c.text.strip() for c in done), [c.text for c in done]
     assert [c.off_grid for c in done] == [[]] * len(done), [c.text for c in done]
     assert [c.thrice for c in done] == [[]] * len(done), [c.text for c in done]
+
+
+def test_prefetching_pairs_forward_passes_without_changing_the_generation(
+    smollm2_path: Path, gemma_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one member decodes alone, the other scores its likeliest next fresh node
+    beside it (Ensemble._prefetches). On llama.cpp's exact path a row does not depend on
+    when or beside what it was computed, so the generation must be the same, piece for
+    piece and log-probability for log-probability, with prefetching and without; the
+    guesses must be used, and none may stay alive in the model after the run."""
+    specs = [ModelSpec("smollm2", str(smollm2_path)), ModelSpec("gemma3", str(gemma_path))]
+    settings = RunSettings(n_ctx=2048, n_threads=1, numerics="exact", max_pieces=120)
+    prompt = b'def fizzbuzz(n):\n    """Return the FizzBuzz words for 1..n."""\n'
+    with Runner(specs, settings, concurrent=True).load() as runner:
+
+        def generation() -> list[tuple[bytes, float, tuple[float, ...]]]:
+            run = runner.complete(prompt, settings)
+            return [(c.event.text, c.event.logprob, c.event.member_logprobs) for c in run]
+
+        with_prefetch = generation()
+        states = [s for s in runner.ensemble._states if s is not None]
+        prefetches = sum(s.prefetches for s in states)
+        hits = sum(s.prefetch_hits for s in states)
+        assert prefetches > 0 and hits > 0, (prefetches, hits)
+        runner.ensemble.close()
+        assert all(c["alive_sequences"] <= 1 for c in runner.counters()), runner.counters()
+        monkeypatch.setattr(Ensemble, "_prefetches", lambda self, states, decodes: [None] * 2)
+        without = generation()
+    assert [e[0] for e in with_prefetch] == [e[0] for e in without]
+    for a, b in zip(with_prefetch, without, strict=True):
+        assert a[1] == pytest.approx(b[1], abs=1e-9)
+        assert a[2] == pytest.approx(b[2], abs=1e-9)

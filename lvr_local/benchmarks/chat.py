@@ -162,24 +162,32 @@ def chat(argv: Sequence[str] = ()) -> None:
     command with seeds 1-10, then CHAT_PROMPTS, with the chat defaults; then bits/byte on
     the shipped English text. Options: --rules product,mcv:bayes (RULE over the default
     sub-vocabulary, or SUB:RULE); --set KEY=VALUE (a run setting, TOML value);
-    --seeds K (replies per prompt); --no-alone (skip each model alone); --no-score."""
+    --seeds K (replies per prompt); --first-seeds N (the first command's seeds, 10);
+    --no-alone (skip each model alone); --no-score; --no-preamble (base members read the
+    transcript without roles.PREAMBLE)."""
     parser = argparse.ArgumentParser(prog="python -m lvr_local.benchmarks chat")
     parser.add_argument("--rules", default="product,mean,mcv:bayes,mcv:mean")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-alone", action="store_true")
     parser.add_argument("--no-score", action="store_true")
+    parser.add_argument("--first-seeds", type=int, default=10)
+    parser.add_argument("--no-preamble", action="store_true")
     args = parser.parse_args(argv)
+    if args.no_preamble:  # base members read the bare transcript (the A/B of roles.PREAMBLE)
+        from lvr_local.decoding import roles
+
+        roles.PREAMBLE = ""
     settings = _settings_from(args.set).for_mode("chat")
     shown = {k: getattr(settings, k) for k in PROFILES["chat"]} | _parse_sets(args.set)
     budget = settings.max_pieces
     print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
     configs = system_configs(runner, args.rules, not args.no_alone)
-    print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-10:")
+    print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-{args.first_seeds}:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)
-        f = first_command(runner, replace(settings, **changed))
+        f = first_command(runner, replace(settings, **changed), args.first_seeds)
         print(
             f"  {label:<22} neither echoed nor ran to the budget {f.good:>2}/{f.seeds} "
             f"(echoed {f.echoed}, ran to the budget {f.to_budget})",

@@ -64,6 +64,9 @@ DEFAULT_MAX_BRANCHES = 16
 # of one advance are kept for it (the largest shares).
 DORMANT_WINDOW = 8
 DORMANT_PER_ADVANCE = 16
+# A waiting token is scored ahead of time (`prefetch`) only when it carries at least
+# this share of Q(u): a wrong guess costs a forward pass.
+PREFETCH_MIN_SHARE = 0.5
 
 
 class ImpossiblePieceError(LvrError):
@@ -237,6 +240,9 @@ class ReducedState:
         self._to_release: list[TokenPrefix] = []
         self._dormant: list[Dormant] = []
         self._logq: np.ndarray | None = None
+        self._prefetched: set[TokenPrefix] = set()  # asked ahead of time, not yet fresh
+        self.prefetches = 0
+        self.prefetch_hits = 0  # prefetched prefixes that became fresh nodes
 
     # ----------------------------------------------------------------- public interface
 
@@ -251,6 +257,7 @@ class ReducedState:
         Only when synchronised; this state is left empty and releases nothing of them."""
         if not self.synchronised:
             raise InternalError("a state can only be handed over when synchronised")
+        self._drop_prefetched()
         self._flush_releases()
         nodes = [(f.prefix, f.log_p) for f in self._fresh]
         self._fresh, self._dormant = [], []
@@ -261,6 +268,56 @@ class ReducedState:
         """Whether the next distribution costs a forward pass (a fresh node not yet
         scored): the ensemble gives the cores to the members that decode."""
         return self._logq is None and any(f.scored is None for f in self._fresh)
+
+    def likely_next_prefix(self) -> TokenPrefix | None:
+        """The prefix of the fresh node that the most likely waiting token makes once its
+        bytes are all written, when that token carries at least PREFETCH_MIN_SHARE of
+        Q(u); None otherwise, or while a fresh node still needs the model. Over bytes a
+        member decodes where its tokens end, and another member's tokens end elsewhere:
+        scoring this prefix ahead, beside the other's decode, pairs the two passes."""
+        if self.finished or not self._pending or self.needs_model:
+            return None
+        best = max(self._pending, key=lambda p: p.log_share)
+        i = int(np.argmax(best.token_logp))
+        if best.log_p + float(best.token_logp[i]) - self.log_Q < math.log(PREFETCH_MIN_SHARE):
+            return None
+        prefix = (*best.prefix, int(best.tokens[i]))
+        return None if prefix in self._prefetched else prefix
+
+    def prefetch(self, prefix: TokenPrefix) -> None:
+        """Have the model score `prefix` now; it keeps the row while the prefix is alive,
+        so the fresh node it becomes is answered without a forward pass. Released as
+        soon as the text rules it out (`_settle_prefetched`). Never required: a model
+        without room simply does not prefetch."""
+        try:
+            self.model.next_logits([prefix])
+        except ModelMemoryFull:
+            self._to_release.append(prefix)
+            return
+        self._prefetched.add(prefix)
+        self.prefetches += 1
+
+    def _settle_prefetched(self) -> None:
+        """After an advance: a prefetched prefix that became a fresh node is that node's
+        now; one whose token is no longer waiting will never be asked for: release it."""
+        if not self._prefetched:
+            return
+        fresh = {f.prefix for f in self._fresh}
+        for prefix in list(self._prefetched):
+            if prefix in fresh:
+                self.prefetch_hits += 1
+            elif any(
+                p.prefix == prefix[:-1] and bool(np.any(p.tokens == prefix[-1]))
+                for p in self._pending
+            ):
+                continue  # still waiting for its last bytes
+            else:
+                self._to_release.append(prefix)
+            self._prefetched.discard(prefix)
+
+    def _drop_prefetched(self) -> None:
+        self._to_release += list(self._prefetched)
+        self._prefetched.clear()
 
     @property
     def sub_size(self) -> int:
@@ -426,6 +483,7 @@ class ReducedState:
     def close(self) -> None:
         """Tell the model that no alive node will be extended any more."""
         self._retire(self._alive_origins())
+        self._drop_prefetched()
         self._fresh, self._pending, self._dormant = [], [], []
         self._flush_releases()
 
@@ -440,7 +498,10 @@ class ReducedState:
                 self._score([f for f in self._fresh if f.scored is None])
                 break
             except ModelMemoryFull:
-                if not self._shed_branches():
+                if self._prefetched:  # guesses go first
+                    self._drop_prefetched()
+                    self._flush_releases()
+                elif not self._shed_branches():
                     raise
         self._flush_releases()
 
@@ -562,6 +623,7 @@ class ReducedState:
             fresh, pending = [], []
         self._fresh, self._pending = fresh, pending
         self._retire(before - self._alive_origins())
+        self._settle_prefetched()
         if self.finished:
             self._flush_releases()
 

@@ -222,22 +222,43 @@ class Ensemble:
 
     # ----------------------------------------------------------------- stepping
 
-    def distributions(self) -> np.ndarray:
+    def distributions(self, prefetch: bool = False) -> np.ndarray:
         """(n_members, n_symbols) log q_i(. | u); members may decode at once. A member
-        that has left this generation gets a row of -inf."""
+        that has left this generation gets a row of -inf. `prefetch` (generation): where
+        one member decodes alone, the others score their likeliest next fresh node beside
+        it (`_prefetches`)."""
         if not self._states:
             raise LvrError("no prompt: call start_raw or start_chat first")
         live = [i for i, ok in enumerate(self._live) if ok]
         states = [self._state(i) for i in live]
+        decodes = [s.needs_model for s in states]
+        ahead = self._prefetches(states, decodes) if prefetch else [None] * len(states)
         rows = self.scheduler.map_decoding(
-            lambda s: s.next_piece_logprobs(),
-            states,
+            _next_distribution,
+            list(zip(states, ahead, strict=True)),
             [self.members[i] for i in live],
-            [s.needs_model for s in states],
+            [d or a is not None for d, a in zip(decodes, ahead, strict=True)],
         )
         logq = np.full((len(self.members), self._phase_sub.size), -np.inf)
         logq[live] = rows
         return logq
+
+    def _prefetches(
+        self, states: Sequence[PieceModel], decodes: Sequence[bool]
+    ) -> list[TokenPrefix | None]:
+        """Over bytes, members' tokens end at different bytes, so a step often has one
+        member decoding while the others' cores wait. Each waiting member then scores
+        the fresh node its likeliest waiting token will make (ReducedState.prefetch),
+        so that its own later pass is answered from the cache: two passes at once
+        instead of one after the other. A guess the text rules out is released unused.
+        Only over bytes (docs/algorithm.md §7.4) and when the members decode at once."""
+        none: list[TokenPrefix | None] = [None] * len(states)
+        if not self.concurrent or sum(decodes) != 1 or self.sub.kind != "bytes":
+            return none
+        return [
+            s.likely_next_prefix() if not d and isinstance(s, ReducedState) else None
+            for s, d in zip(states, decodes, strict=True)
+        ]
 
     def mix_weights(self) -> np.ndarray:
         """The weights the rule uses for the next piece, one per member (0 for a member
@@ -264,7 +285,7 @@ class Ensemble:
     ) -> PieceEvent:
         """One piece: combine, choose, advance every member. With top_n > 0 the event
         also lists the top_n most likely pieces (an API's top logprobs)."""
-        logq = self.distributions()
+        logq = self.distributions(prefetch=True)
         logp = self.combined(logq)
         alternatives = top_pieces(self._phase_sub, logp, top_n)
         event = self._advance(choose(logp), logq, logp, index)
@@ -378,6 +399,14 @@ class Ensemble:
         """Release every branch (the members' models stay loaded: their owner frees them)."""
         self._close_states()
         self.scheduler.close()
+
+
+def _next_distribution(item: tuple[PieceModel, TokenPrefix | None]) -> np.ndarray:
+    """A member's next-piece distribution, after prefetching `ahead` when given."""
+    state, ahead = item
+    if ahead is not None and isinstance(state, ReducedState):
+        state.prefetch(ahead)
+    return state.next_piece_logprobs()
 
 
 def top_pieces(sub: SubVocabulary, logp: np.ndarray, n: int) -> tuple[tuple[bytes, float], ...]:
