@@ -18,7 +18,7 @@ from synthetic_lm import (
     vocab_b,
 )
 
-from lvr_local.core import subvocab
+from lvr_local.core import reduction, subvocab
 from lvr_local.core.decompose import DecompositionTables, build_tables
 from lvr_local.core.lm import ModelMemoryFull, TokenPrefix
 from lvr_local.core.naive import NaiveState
@@ -499,3 +499,40 @@ def test_a_full_model_memory_sheds_the_smallest_branches_and_counts_them() -> No
     tiny = SmallMemoryLM(vocab_a(), slots=0, seed=4)
     with pytest.raises(ModelMemoryFull):
         ReducedState(tiny, tables, EXACT).next_piece_logprobs()
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_prefetched_prefix_is_adopted_or_released(
+    follow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ReducedState.prefetch (the ensemble's pairing of lone decodes over bytes): the
+    guessed prefix is a waiting token's completion; when the text spells that token out,
+    the fresh node it becomes is the guess (a hit, not released); when the text leaves
+    it, the guess is released. Either way q is unchanged: the guess is only asked early."""
+    monkeypatch.setattr(reduction, "PREFETCH_MIN_SHARE", 1e-12)
+    lm = SyntheticLM(vocab_a(), seed=3)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    state = ReducedState(lm, tables, EXACT)
+    twin = ReducedState(SyntheticLM(vocab_a(), seed=3), tables, EXACT)  # never prefetches
+    for s in (state, twin):
+        s.next_piece_logprobs()
+        s.advance(ord("a"))
+        s.next_piece_logprobs()
+    prefix = state.likely_next_prefix()
+    assert prefix is not None and prefix[:-1] == ()  # a token waiting since the root
+    rest = (lm.vocab.token_bytes(prefix[-1]) or b"")[1:]  # its bytes after the "a"
+    state.prefetch(prefix)
+    assert state.prefetches == 1 and lm.calls[-1] == [prefix]
+    if follow:
+        text = rest
+    else:
+        logq = state.next_piece_logprobs()
+        other = next(b for b in range(256) if b != rest[0] and logq[b] > -np.inf)
+        text = bytes([other])
+    for byte in text:
+        np.testing.assert_allclose(state.next_piece_logprobs(), twin.next_piece_logprobs())
+        state.advance(byte)
+        twin.advance(byte)
+    np.testing.assert_allclose(state.next_piece_logprobs(), twin.next_piece_logprobs())
+    assert state.prefetch_hits == (1 if follow else 0)
+    assert (prefix in lm.released) is not follow
