@@ -164,7 +164,8 @@ def chat(argv: Sequence[str] = ()) -> None:
     sub-vocabulary, or SUB:RULE); --set KEY=VALUE (a run setting, TOML value);
     --seeds K (replies per prompt); --first-seeds N (the first command's seeds, 10);
     --no-alone (skip each model alone); --no-score; --no-preamble (base members read the
-    transcript without roles.PREAMBLE)."""
+    transcript without roles.PREAMBLE); --alone-over SUB (each model alone over SUB, not
+    its own vocabulary); --weights W1,W2 (the members' weights)."""
     parser = argparse.ArgumentParser(prog="python -m lvr_local.benchmarks chat")
     parser.add_argument("--rules", default="product,mean,mcv:bayes,mcv:mean")
     parser.add_argument("--seeds", type=int, default=1)
@@ -173,6 +174,8 @@ def chat(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--no-score", action="store_true")
     parser.add_argument("--first-seeds", type=int, default=10)
     parser.add_argument("--no-preamble", action="store_true")
+    parser.add_argument("--alone-over", default="mcv", metavar="SUB")
+    parser.add_argument("--weights", default=None, metavar="W1,W2")
     args = parser.parse_args(argv)
     if args.no_preamble:  # base members read the bare transcript (the A/B of roles.PREAMBLE)
         from lvr_local.decoding import roles
@@ -184,6 +187,14 @@ def chat(argv: Sequence[str] = ()) -> None:
     print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
     configs = system_configs(runner, args.rules, not args.no_alone)
+    configs = [
+        (f"{label} over {args.alone_over}", enabled, {"sub_vocab": args.alone_over})
+        if label.endswith(" alone") and args.alone_over != "mcv"
+        else (label, enabled, changed)
+        for label, enabled, changed in configs
+    ]
+    if args.weights:  # the members' weights for every ensemble (models.toml's `weight`)
+        runner.set_weights([float(w) for w in args.weights.split(",")])
     print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-{args.first_seeds}:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)
