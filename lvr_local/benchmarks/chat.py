@@ -186,15 +186,7 @@ def chat(argv: Sequence[str] = ()) -> None:
     budget = settings.max_pieces
     print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
-    configs = system_configs(runner, args.rules, not args.no_alone)
-    configs = [
-        (f"{label} over {args.alone_over}", enabled, {"sub_vocab": args.alone_over})
-        if label.endswith(" alone") and args.alone_over != "mcv"
-        else (label, enabled, changed)
-        for label, enabled, changed in configs
-    ]
-    if args.weights:  # the members' weights for every ensemble (models.toml's `weight`)
-        runner.set_weights([float(w) for w in args.weights.split(",")])
+    configs = _configs(runner, args)
     print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-{args.first_seeds}:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)
@@ -218,6 +210,20 @@ def chat(argv: Sequence[str] = ()) -> None:
     if not args.no_score:
         print_rule_scores(runner)
     runner.close()
+
+
+def _configs(runner: Runner, args: argparse.Namespace) -> list[tuple[str, list[bool], dict]]:
+    """The configurations to compare (benchmarks/common.py), each model alone over
+    `--alone-over`; `--weights` set on the members for every ensemble."""
+    configs = [
+        (f"{label} over {args.alone_over}", enabled, {"sub_vocab": args.alone_over})
+        if label.endswith(" alone") and args.alone_over != "mcv"
+        else (label, enabled, changed)
+        for label, enabled, changed in system_configs(runner, args.rules, not args.no_alone)
+    ]
+    if args.weights:  # models.toml's `weight`, in member order
+        runner.set_weights([float(w) for w in args.weights.split(",")])
+    return configs
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, object]:
