@@ -3,9 +3,9 @@
 Asked of llama.cpp's own device registry (ggml_backend_dev_count, _get, _type, _name,
 _description, _memory), the list llama_model_load_from_file offloads n_gpu_layers to
 when no devices are named. llama-cpp-python binds none of these functions, but libllama
-links libggml-base and exposes its symbols, so they are called through ctypes on it (as
-rpc.py's local_devices does). No other tool (nvidia-smi and the like) is asked: what
-counts is what this build of llama.cpp sees.
+links libggml-base and exposes its symbols, so they are called through ctypes on it
+(`device_handles`, which rpc.py's server uses too). No other tool (nvidia-smi and the
+like) is asked: what counts is what this build of llama.cpp sees.
 
 A build without a GPU backend (the CPU wheel) lists the CPU device alone. A discrete GPU
 (type GPU) has its own memory, which the offloaded layers take; an integrated GPU (type
@@ -36,8 +36,9 @@ class Device:
     total: int
 
 
-def devices() -> list[Device]:
-    """Every device llama.cpp registered, in its order."""
+def device_handles() -> list[tuple[int, str]]:
+    """(handle, type) of every device llama.cpp registered, in its order: the handles
+    llama.cpp's own calls take (rpc.py's server offers some of them)."""
     ensure_backend()
     lib = L.llama_cpp._lib
     count, get, kind = (
@@ -45,25 +46,32 @@ def devices() -> list[Device]:
         lib.ggml_backend_dev_get,
         lib.ggml_backend_dev_type,
     )
-    name, description = lib.ggml_backend_dev_name, lib.ggml_backend_dev_description
-    memory = lib.ggml_backend_dev_memory
     count.argtypes, count.restype = [], ctypes.c_size_t
     get.argtypes, get.restype = [ctypes.c_size_t], ctypes.c_void_p
     kind.argtypes, kind.restype = [ctypes.c_void_p], ctypes.c_int
+    handles = [get(i) for i in range(count())]
+    return [(h, DEVICE_TYPES.get(kind(h), "UNKNOWN")) for h in handles]
+
+
+def devices() -> list[Device]:
+    """Every device llama.cpp registered, in its order."""
+    handles = device_handles()
+    lib = L.llama_cpp._lib
+    name, description = lib.ggml_backend_dev_name, lib.ggml_backend_dev_description
+    memory = lib.ggml_backend_dev_memory
     for text in (name, description):
         text.argtypes, text.restype = [ctypes.c_void_p], ctypes.c_char_p
     size_p = ctypes.POINTER(ctypes.c_size_t)
     memory.argtypes, memory.restype = [ctypes.c_void_p, size_p, size_p], None
     found = []
-    for i in range(count()):
-        dev = get(i)
+    for dev, kind in handles:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         memory(dev, ctypes.byref(free), ctypes.byref(total))
         found.append(
             Device(
                 name=(name(dev) or b"").decode("utf-8", errors="replace"),
                 description=(description(dev) or b"").decode("utf-8", errors="replace"),
-                kind=DEVICE_TYPES.get(kind(dev), "UNKNOWN"),
+                kind=kind,
                 free=free.value,
                 total=total.value,
             )

@@ -255,22 +255,11 @@ def _reg_functions(lib: ctypes.CDLL) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr
 def local_devices() -> list[int]:
     """The devices an RPC server offers, as llama.cpp's rpc-server picks them: every GPU
     (and other non-CPU, non-accelerator device), else the CPU."""
-    from lvr_local.llama.native import ensure_backend
+    from lvr_local.llama.devices import device_handles
 
-    ensure_backend()
-    lib = L.llama_cpp._lib
-    count, get, kind = (
-        lib.ggml_backend_dev_count,
-        lib.ggml_backend_dev_get,
-        lib.ggml_backend_dev_type,
-    )
-    count.argtypes, count.restype = [], ctypes.c_size_t
-    get.argtypes, get.restype = [ctypes.c_size_t], ctypes.c_void_p
-    kind.argtypes, kind.restype = [ctypes.c_void_p], ctypes.c_int
-    all_devices = [get(i) for i in range(count())]
-    cpu, accel = 0, 3  # ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL, META
-    gpus = [d for d in all_devices if kind(d) not in (cpu, accel)]
-    return gpus or [d for d in all_devices if kind(d) == cpu][:1]
+    handles = device_handles()
+    gpus = [h for h, kind in handles if kind not in ("CPU", "ACCEL")]
+    return gpus or [h for h, kind in handles if kind == "CPU"][:1]
 
 
 def serve(endpoint: Endpoint, *, threads: int, cache: Path | None) -> None:
