@@ -197,6 +197,28 @@ def test_modes_take_their_profile_unless_a_value_is_set() -> None:
         RunSettings().sampling()
 
 
+def test_sampling_on_tokens_hands_the_chain_to_the_members() -> None:
+    """With sample_on "tokens", sampled generation hands llama.cpp's chain to each
+    member's tokens and draws the combined piece plainly; greedy runs, scoring, the
+    naive baseline and the default "pieces" keep the chain on the pieces
+    (docs/algorithm.md §7.5)."""
+    assert RunSettings().sample_on == "pieces"
+    chat = with_overrides(RunSettings(), seed=7, sample_on="tokens").for_mode("chat")
+    assert chat.member_sampling() == chat.sampling()
+    assert chat.piece_sampling() == SamplingParams(temperature=1.0, seed=7)
+    assert chat.member_sampling(scoring=True) is None
+    for other in (
+        RunSettings().for_mode("raw"),
+        with_overrides(chat, sample_on="pieces"),
+        with_overrides(chat, method="naive"),
+        RunSettings().for_mode("chat"),
+    ):
+        assert other.member_sampling() is None
+        assert other.piece_sampling() == other.sampling()
+    with pytest.raises(ConfigError, match="'sample_on' must be one of tokens, pieces"):
+        with_overrides(RunSettings(), sample_on="bytes")
+
+
 @pytest.mark.parametrize("name", ["--weight", "'weights'"])
 def test_weights_have_one_check_that_names_how_they_were_given(name: str) -> None:
     """--weight, a request's weights, /weights and the TUI all go through check_weights."""

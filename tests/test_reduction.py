@@ -22,7 +22,10 @@ from lvr_local.core import reduction, subvocab
 from lvr_local.core.decompose import DecompositionTables, build_tables
 from lvr_local.core.lm import ModelMemoryFull, TokenPrefix
 from lvr_local.core.naive import NaiveState
+from lvr_local.core.node_scoring import CUT_FLOOR
 from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
+from lvr_local.core.repetition import RepetitionParams, TokenRepetition, token_breakers
+from lvr_local.core.sampling import SamplingParams
 from lvr_local.core.subvocab import ALL_BYTES, SubVocabulary
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.errors import LvrError
@@ -536,3 +539,96 @@ def test_a_prefetched_prefix_is_adopted_or_released(
     np.testing.assert_allclose(state.next_piece_logprobs(), twin.next_piece_logprobs())
     assert state.prefetch_hits == (1 if follow else 0)
     assert (prefix in lm.released) is not follow
+
+
+def llama_cpp_chain(p: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """llama.cpp's sampler as a distribution, written out independently: top-k, top-p
+    and min-p on p (sorted, most likely first), then the temperature on what is left."""
+    order = sorted(np.flatnonzero(p > 0).tolist(), key=lambda v: -p[v])
+    if params.top_k > 0:
+        order = order[: params.top_k]
+    kept = p[order] / p[order].sum()
+    n, total = 0, 0.0
+    while n < len(order) and (n == 0 or total < params.top_p):
+        total += kept[n]
+        n += 1
+    n = min(n, sum(1 for q in kept if q >= params.min_p * kept[0]))
+    out = np.zeros(len(p))
+    out[order[:n]] = p[order[:n]] ** (1.0 / params.temperature)
+    return out / out.sum()
+
+
+class SampledLM:
+    """The synthetic model as the engine samples it on its tokens (penalties after the
+    prefix's own tokens, then llama.cpp's chain, mixed with the penalised model at weight
+    `floor`): what `text_prob` enumerates."""
+
+    def __init__(
+        self, lm: SyntheticLM, params: SamplingParams, penalties: TokenRepetition | None = None
+    ) -> None:
+        self.vocab = lm.vocab
+        self.lm, self.params, self.penalties = lm, params, penalties
+
+    def probs(self, prefix: TokenPrefix) -> np.ndarray:
+        x = self.lm.logits(prefix).astype(np.float64)
+        if self.penalties is not None:
+            x = self.penalties.apply(x, prefix)
+        x = np.where(self.lm.valid, x, -np.inf)
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        return (1 - CUT_FLOOR) * llama_cpp_chain(p, self.params) + CUT_FLOOR * p
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.3, top_k=0, top_p=1.0, min_p=0.0),
+        SamplingParams(temperature=0.5, top_k=0, top_p=0.8, min_p=0.2),
+    ],
+)
+def test_sampling_on_tokens_is_reduced_exactly(params: SamplingParams) -> None:
+    """With the sampler on each node's tokens (§7.5), the byte-level state gives the
+    text distribution of llama.cpp's sampler over the model's tokens: every
+    tokenization counts, each step truncated and tempered as the sampler would."""
+    lm = SyntheticLM(vocab_a(), seed=4, end_bias=0.5)
+    sampled = SampledLM(lm, params)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    options = EngineOptions(max_branches=0, prune=0.0, precision="float64", token_sampling=params)
+    plain_differs = cut_only = False
+    for text in sample_texts(lm, 30, np.random.default_rng(5)):
+        expected = text_prob(sampled, text)  # type: ignore[arg-type]
+        state = ReducedState(lm, tables, options)
+        log_q = feed(state, list(text))
+        assert abs(math.exp(log_q) - expected) < 1e-9
+        log_end = float(state.next_piece_logprobs()[tables.sub.end_id])
+        ended = text_prob(sampled, text, ended=True)  # type: ignore[arg-type]
+        assert abs(math.exp(log_q + log_end) - ended) < 1e-9
+        plain_differs |= abs(expected - text_prob(lm, text)) > 1e-3
+        cut_only |= 0 < expected < 1e-3 * text_prob(lm, text)
+    assert plain_differs  # the sampler changed the distribution: the test has power
+    if params.top_k or params.top_p < 1:
+        assert cut_only  # some text lives on only through the floor
+
+
+def test_the_samplers_penalties_follow_each_branchs_own_tokens() -> None:
+    """With repetition penalties on the tokens (§7.5), every tokenization branch is
+    penalised for the repeats in the prompt's tokens and its own token sequence: the
+    byte-level state still gives the exact text distribution of that sampler."""
+    lm = SyntheticLM(vocab_a(), seed=6, end_bias=0.5)
+    params = SamplingParams(temperature=0.9, top_k=8, top_p=0.95, min_p=0.02)
+    repetition = RepetitionParams(repeat_penalty=1.5, dry_multiplier=0.8, dry_allowed_length=1)
+    penalties = TokenRepetition(repetition, token_breakers(("c",), lm.vocab), context=(3, 0))
+    assert penalties.breakers.single(2) and penalties.breakers.single(7)  # "c", "abc"
+    sampled = SampledLM(lm, params, penalties)
+    tables = build_tables(lm.vocab, subvocab.byte_level())
+    options = EngineOptions(max_branches=0, prune=0.0, precision="float64", token_sampling=params)
+    penalised = False
+    for text in [b"ababab", b"aaaa", b"abcab", b"babab", b"bbbb"]:
+        state = ReducedState(lm, tables, options, repetition=penalties)
+        log_q = feed(state, list(text))
+        expected = text_prob(sampled, text)  # type: ignore[arg-type]
+        assert abs(math.exp(log_q) - expected) < 1e-9
+        unpenalised = text_prob(SampledLM(lm, params), text)  # type: ignore[arg-type]
+        penalised |= abs(expected - unpenalised) > 1e-3
+    assert penalised

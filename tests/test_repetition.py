@@ -212,3 +212,19 @@ def test_dry_over_bytes_counts_tokens_worth_of_bytes() -> None:
     unscaled = np.array(logp)
     apply_dry(unscaled, [sub.index[bytes([v])] for v in b"the sea, the"], params, NO_BREAKERS)
     assert unscaled[sub.index[b" "]] < logp[sub.index[b" "]]  # raw byte lengths would bite
+
+
+def test_token_breakers_read_pieces_as_the_models_own_tokens() -> None:
+    """DRY's breakers over a model's token ids (sample_on = "tokens"): a token that
+    contains a breaker stops the scan alone; a token ending with the start of a longer
+    breaker does so when the tokens after it finish it."""
+    from lvr_local.core.repetition import token_breakers
+    from lvr_local.core.vocabulary import Vocabulary
+
+    strings = [b"a", b"b", b"x\n", b"\n", b"q:", b"ab", b"zz<", b"end>", b"<", None]
+    vocab = Vocabulary.from_token_bytes("toy", strings, (9,))
+    breakers = token_breakers(("\n", "<end>"), vocab)
+    assert [t for t in range(len(strings)) if breakers.single(t)] == [2, 3]
+    assert breakers.tails[6] == ((7,),)  # "zz<" then "end>" spells "<end>"
+    assert breakers.limit([0, 6, 7, 0, 1]) == 2  # after the breaker: "a", "b"
+    assert breakers.limit([0, 6, 0, 1]) == 4  # "zz<" then "a" is no breaker

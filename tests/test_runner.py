@@ -78,3 +78,22 @@ def test_scoring_is_a_stream_of_bytes_then_a_record(runner: Runner) -> None:
     record = scoring.record()
     assert record["n_bytes"] == 4
     assert abs(record["models"]["smol"]["logprob"] - sum(e.logprob for e in events)) < 1e-9
+
+
+def test_sampling_on_tokens_follows_the_models_own_sampler_over_bytes(runner: Runner) -> None:
+    """sample_on = "tokens" (docs/algorithm.md §7.5): llama.cpp's chain acts on the
+    model's tokens at every tokenization branch. With top-k 1 each branch keeps one
+    token, so over bytes every byte of the reply is (up to the 1e-4 floor) certain and
+    the text is greedy decoding over the model's own tokens; with the chain on the
+    pieces, top-k 1 over bytes is greedy over bytes, and the byte distribution the
+    draw sees is the model's own, far from certain at places."""
+    prompt = [Message("user", "Name three colours.")]
+    chain = replace(SETTINGS, sub_vocab="bytes", temperature=0.8, top_k=1, seed=3, max_pieces=60)
+    on_tokens = runner.chat(prompt, replace(chain, sample_on="tokens"))
+    events = [c.event for c in on_tokens]
+    assert len(events) >= 20 and min(e.prob for e in events) > 0.999
+    greedy = runner.chat(prompt, replace(SETTINGS, sub_vocab="mcv", temperature=0.0))
+    list(greedy)
+    assert greedy.text.startswith(on_tokens.text) or on_tokens.text.startswith(greedy.text)
+    on_pieces = [c.event for c in runner.chat(prompt, replace(chain, sample_on="pieces"))]
+    assert min(e.prob for e in on_pieces) < 0.99

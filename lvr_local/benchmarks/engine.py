@@ -13,7 +13,9 @@ from lvr_local.benchmarks.common import GEMMA3, SMOLLM2
 from lvr_local.core import subvocab
 from lvr_local.core.decompose import build_tables
 from lvr_local.core.lm import TokenPrefix
+from lvr_local.core.node_scoring import NodeScorer
 from lvr_local.core.reduction import EngineOptions, ReducedState
+from lvr_local.core.sampling import SamplingParams
 from lvr_local.core.subvocab import SubVocabulary
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.llama.vocab_reader import load_vocabulary
@@ -116,3 +118,26 @@ def engine() -> None:
     for precision in ("float32", "float64"):
         bench_steps(gemma, own, likely, "(i) gemma over its own vocabulary", precision)
         bench_steps(gemma, mcv, likely, "(ii) gemma over the common vocabulary", precision)
+    print("(c) scoring one fresh node over bytes, the model as it is and with the chat")
+    print("    sampler on its tokens (sample_on = tokens, docs/algorithm.md §7.5):")
+    for vocab in (smol, gemma):
+        bench_node_scoring(vocab)
+
+
+def bench_node_scoring(vocab: Vocabulary, repeats: int = 50) -> None:
+    """Median time of NodeScorer.score on a random row of the vocabulary's size, plain
+    and with llama.cpp's chat chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8)
+    applied to the tokens, measured side by side."""
+    tables = build_tables(vocab, subvocab.byte_level())
+    row = (np.random.default_rng(0).normal(size=vocab.n_tokens) * 3).astype(np.float32)
+    chain = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+    scorers = {"plain": NodeScorer(tables), "sampled": NodeScorer(tables, sampling=chain)}
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(repeats):
+        for name, scorer in scorers.items():
+            start = time.perf_counter()
+            scorer.score(row)
+            times[name].append(time.perf_counter() - start)
+    plain, sampled = (1e3 * float(np.median(times[k])) for k in ("plain", "sampled"))
+    label = f"{vocab.name} ({vocab.n_tokens} tokens)"
+    print(f"    {label}: {plain:.2f} ms plain, {sampled:.2f} ms sampled")

@@ -193,10 +193,16 @@ sampling_options = _options(
     [
         click.option("--temperature", "-t", type=float, help="0 = greedy."),
         click.option("--greedy", is_flag=True, help="Always take the likeliest piece (-t 0)."),
-        click.option("--top-k", type=int, help="Keep the k most likely pieces (0 = off)."),
+        click.option("--top-k", type=int, help="Keep the k most likely candidates (0 = off)."),
         click.option("--top-p", type=float, help="Nucleus sampling threshold."),
-        click.option("--min-p", type=float, help="Drop pieces below min-p x the top one."),
+        click.option("--min-p", type=float, help="Drop candidates below min-p x the top one."),
         click.option("--seed", type=int, help="Random seed, for reproducible sampling."),
+        click.option(
+            "--sample-on",
+            type=click.Choice(["tokens", "pieces"]),
+            help="Where temperature, top-k, top-p and min-p act: on the combined pieces "
+            "(default), or on each model's own tokens, as llama.cpp samples it alone.",
+        ),
         click.option(
             "--repeat-penalty", type=float, help="Penalise pieces of the recent window (1 = off)."
         ),
@@ -240,6 +246,7 @@ SETTING_FLAGS = (
     "top_p",
     "min_p",
     "seed",
+    "sample_on",
     "repeat_penalty",
     "repeat_last_n",
     "presence_penalty",

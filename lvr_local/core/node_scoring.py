@@ -11,6 +11,13 @@ Two exact strategies, chosen once per (model, sub-vocabulary) from the tables:
   vocabulary), log q of those pieces is just logit - logsumexp, gathered in piece
   order; only the few pieces fed by several tokens are summed.
 
+Sampling on the member's tokens (`sampling`, docs/algorithm.md §7.5): the node's
+distribution is llama.cpp's sampler applied to the model's own tokens (top-k, top-p,
+min-p, then the temperature), mixed with the model at weight CUT_FLOOR. That is a
+token-level language model in its own right, so the reduction of it is exact too: a
+member alone samples the texts of (almost exactly) llama.cpp's sampler over its tokens,
+over any sub-vocabulary.
+
 Control tokens (no bytes, not END) get no mass: the distribution is conditioned on the
 tokens that have bytes or are END.
 
@@ -30,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lvr_local.core.decompose import DecompositionTables
+from lvr_local.core.logspace import logsumexp_array
+from lvr_local.core.sampling import SamplingParams, truncate
 from lvr_local.errors import LvrError
 
 NEG_INF = float("-inf")
@@ -41,6 +50,10 @@ PRECISIONS = ("float32", "float64")
 # about -18, so every token within ~69 nats of it is a normal float32.
 DIRECT_NORM = (1e-8, 1e30)
 ANY_NORM = (0.0, math.inf)
+# Sampling on a model's tokens: a token the sampler cuts keeps this share of its own
+# probability, so that under the product one member's cut is a strong vote against a
+# piece rather than a veto that could leave no piece possible (docs/algorithm.md §7.5).
+CUT_FLOOR = 1e-4
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +71,10 @@ class Scored:
     log_kept: float
     piece_logq: np.ndarray
     kept: np.ndarray | None = None  # bool mask of the tokens top-K kept
+    # Sampling on tokens: sorted token ids whose log-probability adds (logaddexp) these
+    # terms to exp(logits - lse), the sampler's share of them.
+    boost_tokens: np.ndarray | None = None
+    boost_logp: np.ndarray | None = None
 
     def token_logp(self, tokens: np.ndarray) -> np.ndarray:
         """log p(v | w) of the given tokens, exactly (-inf for cut tokens)."""
@@ -66,6 +83,10 @@ class Scored:
         logp = np.subtract(self.logits[tokens], self.lse, dtype=np.float64)
         if self.kept is not None:
             logp[~self.kept[tokens]] = NEG_INF
+        if self.boost_tokens is not None and self.boost_logp is not None and len(tokens):
+            at = np.minimum(np.searchsorted(self.boost_tokens, tokens), len(self.boost_tokens) - 1)
+            hit = self.boost_tokens[at] == tokens
+            logp[hit] = np.logaddexp(logp[hit], self.boost_logp[at[hit]])
         return logp
 
 
@@ -73,7 +94,11 @@ class NodeScorer:
     """Turns rows of logits of one model into `Scored` values over one sub-vocabulary."""
 
     def __init__(
-        self, tables: DecompositionTables, top_k: int | None = None, precision: str = "float32"
+        self,
+        tables: DecompositionTables,
+        top_k: int | None = None,
+        precision: str = "float32",
+        sampling: SamplingParams | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise LvrError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -81,6 +106,9 @@ class NodeScorer:
         self.n_vocab = tables.n_vocab
         self.n_symbols = tables.n_symbols
         self.top_k = top_k or None
+        if sampling is not None and not sampling.temperature > 0:
+            raise LvrError("sampling on a model's tokens needs a temperature > 0")
+        self.sampling = sampling
         first = tables.first_piece
         valid = tables.n_pieces > 0
         self.valid = valid
@@ -114,15 +142,10 @@ class NodeScorer:
         x = np.asarray(logits)
         if x.shape != (self.n_vocab,):
             raise LvrError(f"logits of shape {x.shape}, expected ({self.n_vocab},)")
+        if self.sampling is not None:
+            return self._sampled(x)
         if self.top_k is None:
-            # Fast path: one exp of the raw logits, kept when the normaliser shows that
-            # nothing overflowed and the tokens that matter are far from underflow.
-            w = self._weights
-            with np.errstate(over="ignore"):
-                np.exp(x, out=w, dtype=np.result_type(x.dtype, self.exp_dtype))
-            scored = self._summed(x, w, 0.0, DIRECT_NORM)
-            if scored is not None:
-                return scored
+            return self._plain(x)
         return self._score_carefully(x)
 
     def _score_carefully(self, x: np.ndarray) -> Scored:
@@ -201,6 +224,58 @@ class NodeScorer:
             logq = np.log(mass[:-1]) - math.log(kept_norm)
         lse = offset + math.log(norm)
         return Scored(x, lse, math.log(kept_norm / norm), logq, kept)
+
+    def _sampled(self, x: np.ndarray) -> Scored:
+        """llama.cpp's sampler on the node's tokens with bytes or END, mixed with the
+        model itself at weight CUT_FLOOR: p'(v) = (1 - f) * sampler(v) + f * p(v). The
+        mixture is the node's whole distribution (nothing counts as pruned: this is the
+        model being reduced). Kept sparse: the model's row scaled by f, plus the
+        sampler's survivors (`Scored.boost_*`)."""
+        plain = self._plain(x)
+        if plain.lse == NEG_INF:
+            return plain
+        survivors, scores = self._survivors(x)
+        scores = scores - logsumexp_array(scores)  # log sampler(v) of the survivors
+        order = np.argsort(survivors)
+        mass = np.zeros(self.n_symbols + 1)
+        np.add.at(mass, self.bins[survivors], np.exp(scores))
+        with np.errstate(divide="ignore"):
+            logq = np.logaddexp(
+                math.log(CUT_FLOOR) + plain.piece_logq, math.log1p(-CUT_FLOOR) + np.log(mass[:-1])
+            )
+        return Scored(
+            plain.logits,
+            plain.lse - math.log(CUT_FLOOR),
+            0.0,
+            logq,
+            boost_tokens=survivors[order],
+            boost_logp=math.log1p(-CUT_FLOOR) + scores[order],
+        )
+
+    def _survivors(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens llama.cpp's chain keeps and their tempered log weights. With top-k
+        the candidates come from one partial sort of the row as it is (control tokens
+        taken out after), not from a copy of the whole vocabulary."""
+        params = self.sampling
+        assert params is not None
+        if params.top_k > 0 and params.top_k + len(self.control) < len(x):
+            wide = np.argpartition(x, len(x) - params.top_k - len(self.control))
+            ids = wide[len(x) - params.top_k - len(self.control) :]
+            ids = ids[self.valid[ids]]
+        else:
+            ids = np.flatnonzero(self.valid)
+        kept, scores = truncate(x[ids].astype(np.float64), params)
+        return ids[kept], scores
+
+    def _plain(self, x: np.ndarray) -> Scored:
+        """Fast path: one exp of the raw logits, kept when the normaliser shows that
+        nothing overflowed and the tokens that matter are far from underflow; else the
+        careful shifted path."""
+        w = self._weights
+        with np.errstate(over="ignore"):
+            np.exp(x, out=w, dtype=np.result_type(x.dtype, self.exp_dtype))
+        scored = self._summed(x, w, 0.0, DIRECT_NORM)
+        return scored if scored is not None else self._score_carefully(x)
 
     def _rescaled(self, x: np.ndarray) -> Scored:
         """Every token with bytes underflowed next to a huge control-token logit: score

@@ -50,6 +50,8 @@ from lvr_local.core.logspace import (
     logsumexp_array,
 )
 from lvr_local.core.node_scoring import PRECISIONS, NodeScorer, Scored
+from lvr_local.core.repetition import TokenRepetition
+from lvr_local.core.sampling import SamplingParams
 from lvr_local.errors import InternalError, LvrError
 
 NEG_INF = float("-inf")
@@ -122,7 +124,10 @@ class EngineOptions:
     (`Ensemble._new_state`). Over bytes a token ends at nearly every byte
     of some tokenization, and most of those fresh nodes carry a tiny share; a higher
     threshold for them alone halves the forward passes while pending nodes, which cost
-    only numpy, keep `prune` (docs/algorithm.md §7.4)."""
+    only numpy, keep `prune` (docs/algorithm.md §7.4).
+    `token_sampling`: in sampled generation, llama.cpp's sampler (top-k, top-p, min-p,
+    temperature) applied to each scored node's own tokens, the reduced model then being
+    that sampler's (node_scoring.py; docs/algorithm.md §7.5). None: the model as it is."""
 
     prune: float = DEFAULT_PRUNE
     text_prune: float = DEFAULT_TEXT_PRUNE
@@ -130,6 +135,7 @@ class EngineOptions:
     precision: str = "float32"
     max_branches: int | None = DEFAULT_MAX_BRANCHES
     fresh_prune: float | None = None
+    token_sampling: SamplingParams | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune < 1.0:
@@ -218,9 +224,12 @@ class ReducedState:
         options: EngineOptions | None = None,
         scorer: NodeScorer | None = None,
         start: Sequence[tuple[TokenPrefix, float]] = (((), 0.0),),
+        repetition: TokenRepetition | None = None,
     ) -> None:
         """`start`: the aligned nodes (token prefix, log P) to begin from: the prompt
-        itself by default, or the nodes handed over by another state (`hand_over`)."""
+        itself by default, or the nodes handed over by another state (`hand_over`).
+        `repetition`: with `options.token_sampling`, the sampler's penalties on each
+        scored node's tokens, from its token prefix (docs/algorithm.md §7.5)."""
         if not start:
             raise LvrError("a reduced state needs at least one start node")
         if model.n_vocab != tables.n_vocab:
@@ -228,7 +237,10 @@ class ReducedState:
         self.model = model
         self.tables = tables
         self.options = options or EngineOptions()
-        self.scorer = scorer or NodeScorer(tables, self.options.token_top_k, self.options.precision)
+        self.scorer = scorer or NodeScorer(
+            tables, self.options.token_top_k, self.options.precision, self.options.token_sampling
+        )
+        self.repetition = repetition if self.options.token_sampling is not None else None
         self.pieces: list[int] = []
         self.log_Q = logsumexp([lp for _, lp in start])  # log Q(u), from the nodes kept alive
         self.log_pruned = NEG_INF  # log of all probability mass dropped so far
@@ -535,6 +547,8 @@ class ReducedState:
         if len(rows) != len(todo):
             raise InternalError(f"model returned {len(rows)} rows for {len(todo)} prefixes")
         for node, row in zip(todo, rows, strict=True):
+            if self.repetition is not None:
+                row = self.repetition.apply(row, node.prefix)
             node.scored = self.scorer.score(row)
             node.asked = True
             if node.scored.log_kept < 0.0:  # top-K cut: that mass is gone for good

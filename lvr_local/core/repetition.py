@@ -32,7 +32,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from lvr_local.core.subvocab import SubVocabulary
+from lvr_local.core.subvocab import ALL_BYTES, SubVocabulary
+from lvr_local.core.vocabulary import Vocabulary
 
 # llama.cpp truncates breakers to 40 bytes and their tails to 20 tokens; pow() overflow
 # in float is avoided by capping the exponent at log(FLT_MAX) / log(base).
@@ -253,3 +254,55 @@ def over_bytes(p: RepetitionParams) -> RepetitionParams:
         if p.dry_penalty_last_n > 0
         else p.dry_penalty_last_n,
     )
+
+
+class TokenRepetition:
+    """llama.cpp's penalties on one model's own tokens along one tokenization branch:
+    with sample_on = "tokens" (docs/algorithm.md §7.5) each scored node gets what the
+    model's own sampler would apply after that node's tokens, so that DRY's lengths are
+    tokens, as its defaults mean, whatever the sub-vocabulary. The history is the
+    prompt's tokens (`context`: llama.cpp's samplers take the prompt into their window
+    too, so a reply that copies the user's line is a repeat) and then the node's own."""
+
+    def __init__(
+        self, params: RepetitionParams, breakers: Breakers, context: Sequence[int] = ()
+    ) -> None:
+        self.params = params
+        self.breakers = breakers
+        self.context = list(context)
+
+    def apply(self, logits: np.ndarray, prefix: Sequence[int]) -> np.ndarray:
+        """Penalised logits after the prompt and `prefix` (a float64 copy); `logits`
+        itself when nothing applies."""
+        history = self.context + list(prefix)
+        if not self.params.on or not history:
+            return logits
+        scores = np.array(logits, dtype=np.float64)
+        apply_penalties(scores, history, self.params)
+        if self.params.dry_on:
+            apply_dry(scores, history, self.params, self.breakers)
+        return scores
+
+
+def token_breakers(breakers: Sequence[str], vocab: Vocabulary) -> Breakers:
+    """DRY's sequence breakers over a model's own token ids: built over the
+    sub-vocabulary of its tokens, then each piece id read as the tokens that spell it
+    (a tail as the first such token). A pass over the vocabulary: build once per model."""
+    strings = vocab.all_token_bytes
+    own = SubVocabulary.from_pieces("own tokens", {b for b in strings if b} | set(ALL_BYTES))
+    by_piece = Breakers.build(breakers, own)
+    tokens_of: dict[int, list[int]] = {}
+    for token, b in enumerate(strings):
+        piece = own.piece_id(b) if b else None
+        if piece is not None:
+            tokens_of.setdefault(piece, []).append(token)
+    tails: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for piece, piece_tails in by_piece.tails.items():
+        mapped = tuple(
+            tuple(tokens_of[p][0] for p in tail)
+            for tail in piece_tails
+            if all(p in tokens_of for p in tail)
+        )
+        for token in tokens_of.get(piece, ()):
+            tails[token] = mapped
+    return Breakers(tails)

@@ -31,6 +31,8 @@ from lvr_local.core.lm import TokenPrefix
 from lvr_local.core.naive import NaiveState
 from lvr_local.core.posterior import Posterior
 from lvr_local.core.reduction import EngineOptions, ImpossiblePieceError, PieceModel, ReducedState
+from lvr_local.core.repetition import Breakers, RepetitionParams, TokenRepetition, token_breakers
+from lvr_local.core.sampling import SamplingParams
 from lvr_local.core.subvocab import SubVocabulary, parse_spec
 from lvr_local.decoding.byte_phase import BytePhase
 from lvr_local.decoding.members import Member
@@ -111,6 +113,12 @@ class Ensemble:
         self._posterior: Posterior | None = None
         self._phase_sub = self.sub
         self.turn_separators: tuple[bytes, ...] = ()  # reply text that ends the turn
+        # Sampled generation: llama.cpp's sampler on each member's own tokens (§7.5),
+        # set per run before start_raw/start_chat (None: the members as they are).
+        self.token_sampling: SamplingParams | None = None
+        self.token_repetition: RepetitionParams | None = None  # its penalties, likewise
+        self._token_breakers: dict[tuple[int, tuple[str, ...]], Breakers] = {}
+        self._prompt_tokens: dict[int, tuple[int, ...]] = {}  # per member, this generation
 
     # ----------------------------------------------------------------- set-up
 
@@ -179,6 +187,7 @@ class Ensemble:
         tables = self._byte_phase.tables if on_bytes else self.tables
         self._states = [None] * len(self.members)
         self.scheduler.all_cores(self.members)
+        self._prompt_tokens = {i: tuple(p.tokens) for i, p in prompts.items()}
         for i, prompt in prompts.items():
             self.members[i].backend.set_prompt(prompt.tokens)
             self._states[i] = self._new_state(i, tables[i])
@@ -199,10 +208,24 @@ class Ensemble:
         model = self.members[i].backend
         if self.method == "naive":
             return NaiveState(model, tables)
-        options = self.options
+        options = replace(self.options, token_sampling=self.token_sampling)
         if self.sub.kind != "bytes":
             options = replace(options, fresh_prune=None)
-        return ReducedState(model, tables, options, start=start or [((), 0.0)])
+        start = start or [((), 0.0)]
+        return ReducedState(model, tables, options, start=start, repetition=self._repetition(i))
+
+    def _repetition(self, i: int) -> TokenRepetition | None:
+        """Member i's sampler penalties on its own tokens, when the run samples there;
+        its sequence breakers are built once per member (a pass over its vocabulary)."""
+        params = self.token_repetition
+        if self.token_sampling is None or params is None or not params.on:
+            return None
+        key = (i, params.dry_sequence_breakers)
+        if key not in self._token_breakers:
+            vocab = self.members[i].vocab
+            self._token_breakers[key] = token_breakers(params.dry_sequence_breakers, vocab)
+        context = self._prompt_tokens.get(i, ())
+        return TokenRepetition(params, self._token_breakers[key], context)
 
     def _maybe_leave_byte_phase(self) -> None:
         """Switch from bytes to the chosen sub-vocabulary once every member is

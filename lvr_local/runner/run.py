@@ -229,6 +229,8 @@ class Runner:
             backend.set_exact(exact)
         ensemble = self.ensemble_for(resolved)
         ensemble.mixing = resolved.mixing()
+        ensemble.token_sampling = resolved.member_sampling(scoring)
+        ensemble.token_repetition = resolved.member_repetition(scoring)
         return resolved, ensemble
 
     def counters(self) -> list[dict[str, int]]:
@@ -282,11 +284,11 @@ class Run:
         self._t0 = time.perf_counter()
         self._events = generate(
             ensemble,
-            Sampler(settings.sampling()).choose,
+            Sampler(settings.piece_sampling()).choose,
             settings.budget(),
             self.stats,
             self._stop.is_set,
-            RepetitionControl(settings.repetition()),
+            RepetitionControl(settings.piece_repetition()),
             top_n,
         )
 

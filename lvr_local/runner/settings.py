@@ -38,6 +38,7 @@ from lvr_local.llama.extra_buffers import SETTINGS as EXTRA_BUFFERS
 from lvr_local.llama.rpc import is_endpoint
 
 NUMERICS = ("auto", "exact", "fast")
+SAMPLE_ON = ("tokens", "pieces")
 SUB_VOCAB_PATTERN = re.compile(r"^(auto|mcv|bytes|maxlen:[1-9][0-9]*)$")
 MAX_CTX = 2**20  # llama.cpp takes n_ctx as a 32-bit value; no model here needs more
 
@@ -84,7 +85,10 @@ class RunSettings:
     (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
     (generation), fresh_prune (generation, new branches: they cost a forward pass),
     text_prune (known text: scoring, forced prompt tails), max_branches,
-    token_top_k. Sampling over pieces: temperature, top_k, top_p, min_p, seed.
+    token_top_k. Sampling: temperature, top_k, top_p, min_p, seed, and sample_on: where
+    the truncations and the temperature act, on the combined pieces ("pieces", the
+    default) or on each member's own tokens before the reduction ("tokens", as
+    llama.cpp samples the member alone; docs/algorithm.md §7.5).
     Repetition (llama.cpp's names): repeat_penalty, repeat_last_n, presence_penalty,
     frequency_penalty, dry_*. Budgets: max_pieces, max_bytes, stop. None: the mode's
     value (PROFILES)."""
@@ -111,6 +115,7 @@ class RunSettings:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
+    sample_on: str = "pieces"
     repeat_penalty: float = _REPETITION.repeat_penalty
     repeat_last_n: int = _REPETITION.repeat_last_n
     presence_penalty: float = _REPETITION.presence_penalty
@@ -163,6 +168,31 @@ class RunSettings:
     def sampling(self) -> SamplingParams:
         values = (self._resolved(k) for k in ("temperature", "top_k", "top_p", "min_p"))
         return SamplingParams(*values, self.seed)
+
+    def member_sampling(self, scoring: bool = False) -> SamplingParams | None:
+        """The sampler each member applies to its own tokens (docs/algorithm.md §7.5):
+        in sampled generation with sample_on "tokens" and the lossless method (the naive
+        baseline has no token-level model to sample); None otherwise (greedy, scoring)."""
+        params = self.sampling()
+        on_tokens = self.sample_on == "tokens" and self.method == "lossless"
+        return params if on_tokens and params.temperature > 0 and not scoring else None
+
+    def piece_sampling(self) -> SamplingParams:
+        """How a piece is drawn from the combined distribution: a plain draw (seeded)
+        when the members already sampled on their tokens, else the settings' sampler."""
+        params = self.sampling()
+        if self.member_sampling() is None:
+            return params
+        return SamplingParams(temperature=1.0, seed=params.seed)
+
+    def member_repetition(self, scoring: bool = False) -> RepetitionParams | None:
+        """The penalties each member's sampler applies to its own tokens: the run's,
+        when the members sample on their tokens (`member_sampling`); else None."""
+        return self.repetition() if self.member_sampling(scoring) is not None else None
+
+    def piece_repetition(self) -> RepetitionParams:
+        """The penalties on the combined pieces: none when the members apply them."""
+        return RepetitionParams() if self.member_sampling() is not None else self.repetition()
 
     def repetition(self) -> RepetitionParams:
         return RepetitionParams(
@@ -259,6 +289,7 @@ SCHEMA: dict[str, Check] = {
     "top_p": ((int, float), "a number in (0, 1]", lambda v: 0 < v <= 1),
     "min_p": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "seed": ((int,), "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2**63),
+    "sample_on": ((str,), "one of " + ", ".join(SAMPLE_ON), lambda v: v in SAMPLE_ON),
     "repeat_penalty": ((int, float), "a number from 0.01 to 100 (1 = off)", _penalty_factor),
     "repeat_last_n": ((int,), _WINDOW, lambda v: v >= -1),
     "presence_penalty": ((int, float), "a number from -100 to 100 (0 = off)", _bounded),

@@ -23,7 +23,7 @@ ENSEMBLE_ID = "lvr-ensemble"
 # Extension fields that are run settings under the same name.
 SETTING_FIELDS = (
     "combine", "sub_vocab", "method", "prune", "max_branches", "token_top_k", "top_k",
-    "min_p", "max_bytes", "temperature", "top_p", "seed",
+    "min_p", "max_bytes", "temperature", "top_p", "seed", "sample_on",
 )  # fmt: skip
 
 

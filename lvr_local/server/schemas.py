@@ -55,6 +55,9 @@ class EnsembleFields(Strict):
     prune: float | None = None
     max_branches: int | None = None
     token_top_k: int | None = None
+    sample_on: str | None = Field(
+        None, description="pieces | tokens: where temperature, top-k, top-p and min-p act"
+    )
     top_k: int | None = None
     min_p: float | None = None
     max_bytes: int | None = None

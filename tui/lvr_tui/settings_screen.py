@@ -22,7 +22,7 @@ from textual.widgets import (
 from lvr_local.core.combine import RULES
 from lvr_local.decoding.ensemble import METHODS
 from lvr_local.errors import LvrError
-from lvr_local.runner.settings import RunSettings, with_overrides
+from lvr_local.runner.settings import SAMPLE_ON, RunSettings, with_overrides
 
 
 class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
@@ -35,6 +35,7 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
         ("method", METHODS),
         ("combine", RULES),
         ("calibrate", ("true", "false")),
+        ("sample_on", SAMPLE_ON),
     )
     FIELDS: ClassVar[tuple[tuple[str, str, str, type], ...]] = (
         ("switch_rate", "switch rate", "bayes: [0, 1)", float),
