@@ -52,8 +52,8 @@ def test_settings_show_each_value_and_where_it_comes_from(tmp_path: Path) -> Non
     assert values["prune"] == 0.001 and values["method"] == "naive"
     assert values["combine"] is None and values["max_pieces"] == 1024  # None: the mode's
     modes = json.loads(out)["by_mode"]
-    assert modes["chat"]["combine"] == "bayes" and modes["raw"]["combine"] == "product"
-    assert modes["chat"]["sub_vocab"] == "mcv" and modes["raw"]["sub_vocab"] == "auto"
+    assert modes["chat"]["combine"] == "product" == modes["raw"]["combine"]
+    assert modes["chat"]["sub_vocab"] == "auto" == modes["raw"]["sub_vocab"]
     assert modes["chat"]["temperature"] > 0 and modes["raw"]["temperature"] == 0
     code, out = run("--config", str(config), "settings")
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[3:]}

@@ -27,8 +27,9 @@ def test_generate_json_record() -> None:
     assert code == 0, out
     record = json.loads(out[out.index("{") :])
     assert record["pieces"] <= 6 and record["stop_reason"] in ("end", "max_pieces")
-    # A conversation's default: bayes over the MCV (raw completion: the product over bytes).
-    assert record["sub_vocab"].startswith("mcv") and record["combine"] == "bayes"
+    # A conversation's default, as raw completion's: the product over bytes.
+    assert record["sub_vocab"].startswith("bytes") and record["combine"] == "product"
+    assert record["settings"]["sample_on"] == "tokens"
     assert record["settings"]["dry_multiplier"] > 0  # the chat profile
     assert all(0 <= m["mix_weight"] <= 1 for m in record["models"])
     assert [m["name"] for m in record["models"]] == ["smollm2-135m", "gemma3-270m"]

@@ -198,23 +198,25 @@ def test_modes_take_their_profile_unless_a_value_is_set() -> None:
 
 
 def test_sampling_on_tokens_hands_the_chain_to_the_members() -> None:
-    """With sample_on "tokens", sampled generation hands llama.cpp's chain to each
-    member's tokens and draws the combined piece plainly; greedy runs, scoring, the
-    naive baseline and the default "pieces" keep the chain on the pieces
-    (docs/algorithm.md §7.5)."""
-    assert RunSettings().sample_on == "pieces"
-    chat = with_overrides(RunSettings(), seed=7, sample_on="tokens").for_mode("chat")
+    """With sample_on "tokens" (the default), sampled generation hands llama.cpp's chain
+    and penalties to each member's tokens and draws the combined piece plainly, with no
+    penalty on the pieces; greedy runs, scoring, the naive baseline and "pieces" keep
+    them on the pieces (docs/algorithm.md §7.5)."""
+    assert RunSettings().sample_on == "tokens"
+    chat = with_overrides(RunSettings(), seed=7).for_mode("chat")
     assert chat.member_sampling() == chat.sampling()
     assert chat.piece_sampling() == SamplingParams(temperature=1.0, seed=7)
     assert chat.member_sampling(scoring=True) is None
+    assert chat.member_repetition() == chat.repetition() and chat.repetition().dry_on
+    assert not chat.piece_repetition().on
     for other in (
         RunSettings().for_mode("raw"),
         with_overrides(chat, sample_on="pieces"),
         with_overrides(chat, method="naive"),
-        RunSettings().for_mode("chat"),
     ):
-        assert other.member_sampling() is None
+        assert other.member_sampling() is None and other.member_repetition() is None
         assert other.piece_sampling() == other.sampling()
+        assert other.piece_repetition() == other.repetition()
     with pytest.raises(ConfigError, match="'sample_on' must be one of tokens, pieces"):
         with_overrides(RunSettings(), sample_on="bytes")
 

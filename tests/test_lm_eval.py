@@ -349,7 +349,7 @@ def server(
     ("api", "path", "system", "chat"),
     [
         ("local-completions", "/v1/completions", "bytes", False),
-        ("local-chat-completions", "/v1/chat/completions", "mcv", True),
+        ("local-chat-completions", "/v1/chat/completions", "bytes", True),
     ],
 )
 def test_generate_until_through_lvr_serve_repeats_the_lvr_model(

@@ -36,7 +36,7 @@ def test_a_run_streams_chunks_and_ends_in_a_record(runner: Runner) -> None:
     assert run.data.decode("utf-8") == run.text
     record = run.record()
     assert record["pieces"] == run.stats.pieces >= len(chunks)
-    assert record["method"] == "lossless" and record["combine"] == "bayes"  # chat's rule
+    assert record["method"] == "lossless" and record["combine"] == "product"  # chat's rule
     assert record["stop_reason"] in ("end", "max_pieces")
     assert record["models"][0]["forward_passes"] > 0
 

@@ -187,7 +187,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot, app)
         screen = chat(app)
-        assert "mcv (" in app.sub_title and "lossless bayes" in app.sub_title
+        assert "bytes (" in app.sub_title and "lossless product" in app.sub_title
         for selector in ("Header", "#conversation", "#prompt", "#panel", "Footer"):
             region = screen.query_one(selector).region
             assert region.width > 0 and region.height > 0, selector
@@ -201,7 +201,7 @@ async def test_main_screen_layout_at_80x24(config_file: Path, tmp_path: Path) ->
     text = svg.replace("&#160;", " ")
     for label in (
         "lvr-local",
-        "lossless bayes",
+        "lossless product",
         "smollm2-135m",
         "gemma3-270m",
         "gpt2",
@@ -239,16 +239,17 @@ async def test_settings_modal_rebuilds_and_rejects_bad_values(config_file: Path)
         await pilot.pause(0.1)
         assert app.screen is settings  # stays open, says why
         assert any("sub_vocab" in n for n in seen)
-        settings.query_one("#sub_vocab", Input).value = "bytes"
-        settings.query_one("#combine", Select).value = "product"
+        settings.query_one("#sub_vocab", Input).value = "mcv"
+        settings.query_one("#combine", Select).value = "mean"
+        settings.query_one("#sample_on", Select).value = "pieces"
         settings.query_one("#max_pieces", Input).value = "3"
         settings.query_one("#min_p", Input).value = "0.05"
         settings.query_one("#prune", Input).value = "1e-3"
         settings.query_one("#dry_multiplier", Input).value = "0.8"
         settings.query_one("#calibrate", Select).value = "false"
         settings.query_one("#apply", Button).press()  # a toast may cover it: no click
-        await wait_until(pilot, lambda: "lossless product" in app.sub_title)
-        assert app.sub_title.startswith("bytes")
+        await wait_until(pilot, lambda: "lossless mean" in app.sub_title)
+        assert app.sub_title.startswith("mcv") and app.settings.sample_on == "pieces"
         assert app.settings.max_pieces == 3 and app.settings.min_p == 0.05
         assert app.settings.dry_multiplier == 0.8 and app.settings.calibrate is False
         assert app.runner is not None and app.runner.ensemble.options.prune == 1e-3

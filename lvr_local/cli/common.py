@@ -200,8 +200,9 @@ sampling_options = _options(
         click.option(
             "--sample-on",
             type=click.Choice(["tokens", "pieces"]),
-            help="Where temperature, top-k, top-p and min-p act: on the combined pieces "
-            "(default), or on each model's own tokens, as llama.cpp samples it alone.",
+            help="Where temperature, top-k, top-p, min-p and the penalties act: on each "
+            "model's own tokens, as llama.cpp samples it alone (default), or on the "
+            "combined pieces.",
         ),
         click.option(
             "--repeat-penalty", type=float, help="Penalise pieces of the recent window (1 = off)."

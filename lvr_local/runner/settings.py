@@ -47,15 +47,16 @@ MODES = ("chat", "raw")
 _REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
 
 # The settings whose default depends on the mode (None in RunSettings), chosen by
-# `python -m lvr_local.benchmarks chat` and `... code` (README, "Measured"). Chat:
-# llama.cpp's sampling defaults (common/common.h) with DRY at 0.8, its authors' suggested
-# strength, and the bayes rule over the MCV (`for_mode`), which ended replies and avoided
-# repeats best. Raw: greedy, unpenalised, and the product over bytes (the `auto`
-# sub-vocabulary, docs/algorithm.md §7.4), which keeps code on its indentation grid and
-# predicted code and prose best.
+# `python -m lvr_local.benchmarks chat` and `... code` (README, "Measured"). Both modes
+# combine by the product over bytes (the `auto` sub-vocabulary, docs/algorithm.md §7.4),
+# which conditions every member on the text itself. Chat: llama.cpp's sampling defaults
+# (common/common.h) with DRY at 0.8, its authors' suggested strength, acting on each
+# member's own tokens (`sample_on`, §7.5), which ended replies as often as bayes over the
+# MCV did and repeated no line. Raw: greedy and unpenalised, which keeps code on its
+# indentation grid and predicted code and prose best.
 PROFILES: dict[str, dict[str, Any]] = {
     "chat": {
-        "combine": "bayes",
+        "combine": "product",
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
@@ -86,9 +87,9 @@ class RunSettings:
     (generation), fresh_prune (generation, new branches: they cost a forward pass),
     text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling: temperature, top_k, top_p, min_p, seed, and sample_on: where
-    the truncations and the temperature act, on the combined pieces ("pieces", the
-    default) or on each member's own tokens before the reduction ("tokens", as
-    llama.cpp samples the member alone; docs/algorithm.md §7.5).
+    the truncations, the temperature and the penalties act, on each member's own tokens
+    before the reduction ("tokens", the default: as llama.cpp samples the member alone;
+    docs/algorithm.md §7.5) or on the combined pieces ("pieces").
     Repetition (llama.cpp's names): repeat_penalty, repeat_last_n, presence_penalty,
     frequency_penalty, dry_*. Budgets: max_pieces, max_bytes, stop. None: the mode's
     value (PROFILES)."""
@@ -115,7 +116,7 @@ class RunSettings:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
-    sample_on: str = "pieces"
+    sample_on: str = "tokens"
     repeat_penalty: float = _REPETITION.repeat_penalty
     repeat_last_n: int = _REPETITION.repeat_last_n
     presence_penalty: float = _REPETITION.presence_penalty
@@ -137,13 +138,8 @@ class RunSettings:
 
     def for_mode(self, mode: str) -> RunSettings:
         """These settings with every mode-dependent one not set taken from the mode's
-        profile: "chat" (conversations) or "raw" (raw completion). `auto` is the
-        ensemble over bytes in raw completion, and the MCV in a conversation, where the
-        byte level has not yet won (README, "Measured": the first command's replies
-        and the chat prompts' endings)."""
+        profile: "chat" (conversations) or "raw" (raw completion)."""
         unset = {k: v for k, v in PROFILES[mode].items() if getattr(self, k) is None}
-        if self.sub_vocab == "auto" and mode == "chat":
-            unset["sub_vocab"] = "mcv"
         return replace(self, **unset)
 
     def _resolved(self, key: str) -> Any:
