@@ -32,13 +32,22 @@ def refused(request: ChatCompletionRequest | CompletionRequest) -> ApiError:
 
 def test_openai_names_become_run_settings() -> None:
     plan = plan_request(
-        chat(max_tokens=5, temperature=0.7, top_p=0.9, seed=3, stop="\n", combine="product"),
+        chat(
+            max_tokens=5,
+            temperature=0.7,
+            top_p=0.9,
+            seed=3,
+            stop="\n",
+            combine="mean",
+            sample_on="pieces",
+        ),
         BASE,
         MEMBERS,
     )
     s = plan.settings
     assert (s.max_pieces, s.temperature, s.top_p, s.seed, s.stop) == (5, 0.7, 0.9, 3, ("\n",))
-    assert s.combine == "product" and s.sub_vocab == BASE.sub_vocab
+    assert s.sample_on == "pieces" != BASE.sample_on
+    assert s.combine == "mean" and s.sub_vocab == BASE.sub_vocab
     assert plan.model == ENSEMBLE_ID and plan.enabled == (True, True) and plan.weights is None
     newer = plan_request(chat(max_completion_tokens=7), BASE, MEMBERS)
     assert newer.settings.max_pieces == 7
@@ -52,6 +61,7 @@ def test_openai_names_become_run_settings() -> None:
         ({"max_tokens": 0}, "max_tokens", ">= 1"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "differ"),
         ({"sub_vocab": "words"}, "sub_vocab", "mcv, bytes, maxlen:K"),
+        ({"sample_on": "bytes"}, "sample_on", "one of tokens, pieces"),
         ({"seed": -1}, "seed", "0 to 2**63"),
         ({"n": 2}, "n", "must be 1"),
         ({"logit_bias": {"42": 1.0}}, "logit_bias", "no common token ids"),
