@@ -67,7 +67,9 @@ def test_a_base_model_alone_ends_its_turn_at_the_transcript_separator(runner: Ru
 def test_end_comes_from_the_chat_member(runner: Runner) -> None:
     """Under the mean, the ensemble's END is SmolLM2's own; every other piece is the
     mean of the two members' distributions given no END, scaled by 1 - END."""
-    ensemble = runner.ensemble_for(runner.settings.for_mode("chat"))
+    settings = replace(runner.settings, combine="mean").for_mode("chat")
+    ensemble = runner.ensemble_for(settings)
+    ensemble.mixing = settings.mixing()
     ensemble.start_chat([Message("user", "Say hi.")])
     assert ensemble.turn_separators == (b"\nUser:", b"\nAssistant:")
     assert ensemble.phase_sub.kind == "bytes"  # the transcript's final space is forced
