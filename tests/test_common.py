@@ -55,5 +55,9 @@ def test_small_sub_vocabularies_list_their_pieces_in_a_fixed_order() -> None:
     two = max_length([v], 2)
     assert b"ab" in two.index and b"abc" not in two.index and len(two.pieces) == 257
     assert parse_spec("maxlen:2", [v]).pieces == two.pieces
+    w = Vocabulary.from_token_bytes("u", [b"a", b"bc", None], end_ids=(2,))
+    assert parse_spec("auto", [v]).pieces == common([v]).pieces  # one model: its own
+    assert parse_spec("auto", [v, w]).kind == "bytes"  # an ensemble: bytes
+    assert parse_spec("auto", [v, w], "naive").pieces == common([v, w]).pieces
     with pytest.raises(LvrError, match="unknown sub-vocabulary"):
         parse_spec("words", [v])

@@ -157,14 +157,17 @@ def common_report(vocabs: Sequence[Vocabulary]) -> dict[str, object]:
     }
 
 
-def parse_spec(spec: str, vocabs: Sequence[Vocabulary]) -> SubVocabulary:
+def parse_spec(spec: str, vocabs: Sequence[Vocabulary], method: str = "lossless") -> SubVocabulary:
     """Parse a user's `--sub-vocab` value: auto | mcv | bytes | maxlen:K.
 
-    `auto`, the default: bytes for an ensemble, where a text has one spelling and every
-    member is conditioned on the text itself (docs/algorithm.md §7.4); one model alone
-    over its own vocabulary (the MCV of one), where its pieces are its tokens."""
+    `auto`, the default, in every mode: bytes for an ensemble, where a text has one
+    spelling and every member is conditioned on the text itself (docs/algorithm.md
+    §7.4); one model alone over its own vocabulary (the MCV of one), where its pieces
+    are its tokens; and the MCV for the naive baseline (`method` "naive"), which is
+    defined over the common vocabulary. This is the one place `auto` is resolved."""
     if spec == "auto":
-        return common(vocabs) if len(vocabs) == 1 else byte_level()
+        naive = method == "naive"
+        return common(vocabs) if len(vocabs) == 1 or naive else byte_level()
     if spec == "mcv":
         return common(vocabs)
     if spec == "bytes":

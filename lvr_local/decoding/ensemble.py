@@ -101,9 +101,7 @@ class Ensemble:
         self.method = method
         self.options = options or EngineOptions()
         self.scheduler = scheduler or CoreScheduler()
-        if sub_vocab == "auto" and method == "naive":
-            sub_vocab = "mcv"  # the naive restriction is defined over the common vocabulary
-        self.sub = parse_spec(sub_vocab, [m.vocab for m in self.members])
+        self.sub = parse_spec(sub_vocab, [m.vocab for m in self.members], method)
         self.tables = [decomposition_tables(m.vocab, self.sub) for m in self.members]
         self._byte_phase = BytePhase(self.members)
         self._states: list[PieceModel | None] = []

@@ -55,7 +55,10 @@ class System:
         if self.sub_vocab is not None:
             changed["sub_vocab"] = self.sub_vocab
         elif self.is_member and base.sub_vocab == "auto":
-            changed["sub_vocab"] = "mcv"  # what `auto` gives one model alone: its own tokens
+            # A member alone in a runner of several: its distribution spelled over the
+            # members' common vocabulary, as `auto` gives a model that runs alone its
+            # own (bytes would also be exact, but one piece per byte is slower).
+            changed["sub_vocab"] = "mcv"
         if self.combine is not None:
             changed["combine"] = self.combine
         return replace(base, **changed)
