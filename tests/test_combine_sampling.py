@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lvr_local.core.combine import combine, dominant_model
+from lvr_local.core.combine import check_weights, combine, dominant_model
 from lvr_local.core.sampling import Sampler, SamplingParams
 from lvr_local.errors import LvrError
 
@@ -46,6 +46,8 @@ def test_product_vetoes_and_negative_weights_stay_finite() -> None:
     contrast = combine(logs([0.6, 0.4, 0.0], [0.0, 0.5, 0.5]), [1.0, -0.5], "product")
     assert not np.any(np.isnan(contrast)) and np.isclose(np.exp(contrast).sum(), 1)
     assert np.exp(contrast)[0] > 0.6  # the piece the negative model rules out is favoured
+    with pytest.raises(LvrError, match="at least one positive weight"):
+        check_weights("product", [0.0, -1.0])
 
 
 def test_max_normalises_the_weighted_maxima_and_bad_weights_or_rules_are_refused() -> None:

@@ -135,7 +135,7 @@ def test_save_replaces_only_the_files_this_conversation_wrote(
         f"/save {saved}",
         "/reset",  # a new conversation: the file is no longer its own
         f"/save {saved}",
-        "/weights -1 1",  # refused when set, not at every turn after
+        "/weights -1 0",  # refused when set, not at every turn after
         "Hello?",
         f"/save {saved} --force",
         "/quit",
@@ -151,7 +151,7 @@ def test_save_replaces_only_the_files_this_conversation_wrote(
         result.output
     )
     assert result.output.count("exists and this conversation did not write it") == 2
-    assert "needs non-negative weights with a positive sum; weights unchanged" in result.output
+    assert "needs at least one positive weight; weights unchanged" in result.output
     messages = json.loads(saved.read_text())  # the forced save: the conversation after /reset
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello?"]
     assert messages[1]["role"] == "assistant"

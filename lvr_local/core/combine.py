@@ -119,6 +119,8 @@ def check_weights(rule: str, weights: Sequence[float]) -> None:
         raise LvrError(f"the {rule} rule needs non-negative weights with a positive sum")
     if rule == "max" and np.any(w < 0):
         raise LvrError("the max rule needs non-negative weights")
+    if rule == "product" and not np.any(w > 0):
+        raise LvrError("the product rule needs at least one positive weight")
 
 
 def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lvr_local.core.subvocab import ALL_BYTES, SubVocabulary
+from lvr_local.core.subvocab import SubVocabulary
 from lvr_local.core.vocabulary import Vocabulary
 
 # llama.cpp truncates breakers to 40 bytes and their tails to 20 tokens; pow() overflow
@@ -285,24 +285,56 @@ class TokenRepetition:
 
 
 def token_breakers(breakers: Sequence[str], vocab: Vocabulary) -> Breakers:
-    """DRY's sequence breakers over a model's own token ids: built over the
-    sub-vocabulary of its tokens, then each piece id read as the tokens that spell it
-    (a tail as the first such token). A pass over the vocabulary: build once per model."""
+    """DRY's sequence breakers over a model's own token ids (llama.cpp's
+    `get_overlapping_token_sequences`, over tokens): a token that contains a breaker is
+    one alone; a token that ends with the breaker's first k bytes is one when followed
+    by the greedy split of the rest (each piece of it as the first token that spells
+    it). Only tokens holding the breaker's first byte can overlap it, so the scan of
+    the vocabulary is one filter per breaker."""
     strings = vocab.all_token_bytes
-    own = SubVocabulary.from_pieces("own tokens", {b for b in strings if b} | set(ALL_BYTES))
-    by_piece = Breakers.build(breakers, own)
-    tokens_of: dict[int, list[int]] = {}
+    first_token: dict[bytes, int] = {}
     for token, b in enumerate(strings):
-        piece = own.piece_id(b) if b else None
-        if piece is not None:
-            tokens_of.setdefault(piece, []).append(token)
-    tails: dict[int, tuple[tuple[int, ...], ...]] = {}
-    for piece, piece_tails in by_piece.tails.items():
-        mapped = tuple(
-            tuple(tokens_of[p][0] for p in tail)
-            for tail in piece_tails
-            if all(p in tokens_of for p in tail)
+        if b:
+            first_token.setdefault(b, token)
+    tails: dict[int, list[tuple[int, ...]]] = {}
+    for text in breakers:
+        breaker = text.encode("utf-8")[:MAX_BREAKER_BYTES]
+        if not breaker:
+            continue
+        lead = breaker[:1]
+        for token in [t for t, b in enumerate(strings) if b and lead in b]:
+            for tail in _token_overlaps(strings[token] or b"", breaker, first_token):
+                found = tails.setdefault(token, [])
+                if tail not in found:
+                    found.append(tail)
+    return Breakers({k: tuple(v) for k, v in tails.items()})
+
+
+def _token_overlaps(
+    piece: bytes, breaker: bytes, first_token: dict[bytes, int]
+) -> list[tuple[int, ...]]:
+    """`_overlaps` over a model's tokens: () when the token contains the breaker; the
+    greedy split of the rest into tokens when it ends with a proper prefix of it."""
+    if breaker in piece:
+        return [()]
+    out = []
+    for k in range(min(len(piece), len(breaker) - 1), 0, -1):
+        if piece.endswith(breaker[:k]):
+            split = _greedy_tokens(breaker[k:], first_token)
+            if split is not None:
+                out.append(tuple(split[:MAX_BREAKER_TAIL]))
+    return out
+
+
+def _greedy_tokens(data: bytes, first_token: dict[bytes, int]) -> list[int] | None:
+    """Greedy longest-prefix split of `data` into tokens; None when a byte has none."""
+    out, pos = [], 0
+    while pos < len(data):
+        size = next(
+            (n for n in range(len(data) - pos, 0, -1) if data[pos : pos + n] in first_token), 0
         )
-        for token in tokens_of.get(piece, ()):
-            tails[token] = mapped
-    return Breakers(tails)
+        if not size:
+            return None
+        out.append(first_token[data[pos : pos + size]])
+        pos += size
+    return out
