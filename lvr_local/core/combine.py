@@ -113,13 +113,15 @@ def _rule(logq: np.ndarray, w: np.ndarray, rule: str) -> np.ndarray:
 
 def check_weights(rule: str, weights: Sequence[float]) -> None:
     """Refuse weights `rule` cannot combine with, so that a front end can say so when
-    they are set rather than at every piece after."""
+    they are set rather than at every piece after. A weight that is not a finite number
+    is left to the runner's check of each value (runner/config.py, `check_weights`),
+    which names it."""
     w = np.asarray(weights, dtype=np.float64)
     if rule in ("mean", "bayes") and (np.any(w < 0) or w.sum() <= 0):
         raise LvrError(f"the {rule} rule needs non-negative weights with a positive sum")
     if rule == "max" and np.any(w < 0):
         raise LvrError("the max rule needs non-negative weights")
-    if rule == "product" and not np.any(w > 0):
+    if rule == "product" and np.all(np.isfinite(w)) and not np.any(w > 0):
         raise LvrError("the product rule needs at least one positive weight")
 
 
