@@ -26,7 +26,7 @@ pieces generated so far, not the prompt.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -115,17 +115,7 @@ class Breakers:
 
     @classmethod
     def build(cls, breakers: Sequence[str], sub: SubVocabulary) -> Breakers:
-        tails: dict[int, list[tuple[int, ...]]] = {}
-        for text in breakers:
-            b = text.encode("utf-8")[:MAX_BREAKER_BYTES]
-            if not b:
-                continue
-            for i, piece in enumerate(sub.pieces):
-                for tail in _overlaps(piece, b, sub):
-                    found = tails.setdefault(i, [])
-                    if tail not in found:
-                        found.append(tail)
-        return cls({k: tuple(v) for k, v in tails.items()})
+        return cls(_tails(sub.pieces, breakers, lambda data: greedy_pieces(data, sub)))
 
     def single(self, piece: int) -> bool:
         return () in self.tails.get(piece, ())
@@ -148,15 +138,42 @@ class Breakers:
         return n
 
 
-def _overlaps(piece: bytes, breaker: bytes, sub: SubVocabulary) -> list[tuple[int, ...]]:
+Split = Callable[[bytes], list[int] | None]  # greedy split into ids; None: no split
+
+
+def _tails(
+    strings: Sequence[bytes | None], breakers: Sequence[str], split: Split
+) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """For each id whose bytes can head a breaker, the tails that complete it (the ids
+    are pieces or a model's tokens, `split` the greedy split into them). Only strings
+    holding the breaker's first byte can overlap it, so each breaker is one filter of
+    the strings before the exact checks."""
+    tails: dict[int, list[tuple[int, ...]]] = {}
+    for text in breakers:
+        breaker = text.encode("utf-8")[:MAX_BREAKER_BYTES]
+        if not breaker:
+            continue
+        lead = breaker[:1]
+        for i in [i for i, b in enumerate(strings) if b and lead in b]:
+            for tail in _overlaps(strings[i] or b"", breaker, split):
+                found = tails.setdefault(i, [])
+                if tail not in found:
+                    found.append(tail)
+    return {k: tuple(v) for k, v in tails.items()}
+
+
+def _overlaps(piece: bytes, breaker: bytes, split: Split) -> list[tuple[int, ...]]:
     """The tails that make `piece` the head of `breaker`: () when the piece contains it;
-    the greedy split of the rest when the piece ends with a prefix of it."""
+    the greedy split of the rest when the piece ends with a prefix of it (none when the
+    rest cannot be split)."""
     if breaker in piece:
         return [()]
     out = []
     for k in range(min(len(piece), len(breaker) - 1), 0, -1):
         if piece.endswith(breaker[:k]):
-            out.append(tuple(greedy_pieces(breaker[k:], sub)[:MAX_BREAKER_TAIL]))
+            rest = split(breaker[k:])
+            if rest is not None:
+                out.append(tuple(rest[:MAX_BREAKER_TAIL]))
     return out
 
 
@@ -286,44 +303,14 @@ class TokenRepetition:
 
 def token_breakers(breakers: Sequence[str], vocab: Vocabulary) -> Breakers:
     """DRY's sequence breakers over a model's own token ids (llama.cpp's
-    `get_overlapping_token_sequences`, over tokens): a token that contains a breaker is
-    one alone; a token that ends with the breaker's first k bytes is one when followed
-    by the greedy split of the rest (each piece of it as the first token that spells
-    it). Only tokens holding the breaker's first byte can overlap it, so the scan of
-    the vocabulary is one filter per breaker."""
+    `get_overlapping_token_sequences`, over tokens): `Breakers.build` with the tokens in
+    the place of the pieces, a tail's pieces each the first token that spells them."""
     strings = vocab.all_token_bytes
     first_token: dict[bytes, int] = {}
     for token, b in enumerate(strings):
         if b:
             first_token.setdefault(b, token)
-    tails: dict[int, list[tuple[int, ...]]] = {}
-    for text in breakers:
-        breaker = text.encode("utf-8")[:MAX_BREAKER_BYTES]
-        if not breaker:
-            continue
-        lead = breaker[:1]
-        for token in [t for t, b in enumerate(strings) if b and lead in b]:
-            for tail in _token_overlaps(strings[token] or b"", breaker, first_token):
-                found = tails.setdefault(token, [])
-                if tail not in found:
-                    found.append(tail)
-    return Breakers({k: tuple(v) for k, v in tails.items()})
-
-
-def _token_overlaps(
-    piece: bytes, breaker: bytes, first_token: dict[bytes, int]
-) -> list[tuple[int, ...]]:
-    """`_overlaps` over a model's tokens: () when the token contains the breaker; the
-    greedy split of the rest into tokens when it ends with a proper prefix of it."""
-    if breaker in piece:
-        return [()]
-    out = []
-    for k in range(min(len(piece), len(breaker) - 1), 0, -1):
-        if piece.endswith(breaker[:k]):
-            split = _greedy_tokens(breaker[k:], first_token)
-            if split is not None:
-                out.append(tuple(split[:MAX_BREAKER_TAIL]))
-    return out
+    return Breakers(_tails(strings, breakers, lambda data: _greedy_tokens(data, first_token)))
 
 
 def _greedy_tokens(data: bytes, first_token: dict[bytes, int]) -> list[int] | None:
