@@ -1,7 +1,7 @@
 """What a user gets from a conversation with the bundled pair (real models, real
-llama.cpp): the README's first command ends by itself without repeating a line; a base
-member reads a transcript and ends its turn with the transcript's separator; END comes
-from the chat member."""
+llama.cpp): the README's first command ends by itself without repeating a line or the
+request; a base member reads a transcript and ends its turn with the transcript's
+separator; END comes from the chat member."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from lvr_local.benchmarks.chat import echoes
 from lvr_local.core.chat import Message
 from lvr_local.runner.config import default_config_path, load_config
 from lvr_local.runner.run import Runner
@@ -46,6 +47,7 @@ def test_the_first_command_ends_by_itself_without_a_repeated_line(
     list(run)
     assert run.stats.stop_reason == "end", run.text
     assert run.text.strip() and not repeated_lines(run.text), run.text
+    assert not echoes(MAIN_PROMPT, run.text), run.text  # no "I'll write a haiku about"
     record = run.record()
     assert record["settings"]["temperature"] > 0  # a conversation samples by default
     assert [m["role"] for m in record["models"]] == ["chat", "base"]

@@ -125,3 +125,17 @@ def test_a_read_only_user_directory_is_read_and_warned_about_once(
         )
         assert done.returncode == 0 and done.stdout.strip(), done.stderr
         assert done.stderr.count("warning:") == 1, done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--first-seeds"])
+def test_the_chat_benchmark_refuses_a_seed_count_below_zero(flag: str) -> None:
+    """0 skips that part of the benchmark; before, 0 and below divided by zero after
+    loading the models."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lvr_local.benchmarks", "chat", flag, "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"argument {flag}: '-1' is not a whole number >= 0" in done.stderr

@@ -23,7 +23,7 @@ from lvr_local.core.posterior import Posterior
 from lvr_local.core.reduction import EngineOptions
 from lvr_local.core.vocabulary import Vocabulary
 from lvr_local.decoding.ensemble import Ensemble
-from lvr_local.decoding.roles import PREAMBLE, detect_role, format_transcript
+from lvr_local.decoding.roles import EXAMPLE, PREAMBLE, detect_role, format_transcript
 from lvr_local.decoding.scheduling import CoreScheduler
 from lvr_local.decoding.scoring import Scoring
 from lvr_local.errors import LvrError
@@ -184,8 +184,8 @@ def test_roles_from_gguf_metadata() -> None:
         Message("assistant", "Hello."),
         Message("user", "Bye"),
     ]
-    transcript = format_transcript(messages)
-    assert transcript.startswith(PREAMBLE)  # a finished exchange first: answer, not copy
-    assert transcript.endswith(
-        "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant: "
-    )
+    turns = "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant: "
+    # who speaks and how (answer, not copy); the example only for a base model alone
+    assert format_transcript(messages) == PREAMBLE + turns
+    assert format_transcript(messages, example=True) == PREAMBLE + EXAMPLE + turns
+    assert EXAMPLE.startswith("User: ") and EXAMPLE.count("\nAssistant: ") == 1

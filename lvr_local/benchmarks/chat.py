@@ -162,17 +162,18 @@ def chat(argv: Sequence[str] = ()) -> None:
     command with seeds 1-10, then CHAT_PROMPTS, with the chat defaults; then bits/byte on
     the shipped English text. Options: --rules product,mcv:bayes (RULE over the default
     sub-vocabulary, or SUB:RULE); --set KEY=VALUE (a run setting, TOML value);
-    --seeds K (replies per prompt); --first-seeds N (the first command's seeds, 10);
-    --no-alone (skip each model alone); --no-score; --no-preamble (base members read the
-    transcript without roles.PREAMBLE); --alone-over SUB (each model alone over SUB, not
-    its own vocabulary); --weights W1,W2 (the members' weights)."""
+    --seeds K (replies per prompt; 0 skips the chat prompts); --first-seeds N (the
+    first command's seeds, 10; 0 skips it); --no-alone (skip each model alone);
+    --no-score; --no-preamble (base members read the transcript without
+    roles.PREAMBLE and EXAMPLE); --alone-over SUB (each model alone over SUB, not its
+    own vocabulary); --weights W1,W2 (the members' weights)."""
     parser = argparse.ArgumentParser(prog="python -m lvr_local.benchmarks chat")
     parser.add_argument("--rules", default="product,mean,mcv:bayes,mcv:mean")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=_count, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-alone", action="store_true")
     parser.add_argument("--no-score", action="store_true")
-    parser.add_argument("--first-seeds", type=int, default=10)
+    parser.add_argument("--first-seeds", type=_count, default=10)
     parser.add_argument("--no-preamble", action="store_true")
     parser.add_argument("--alone-over", default="mcv", metavar="SUB")
     parser.add_argument("--weights", default=None, metavar="W1,W2")
@@ -180,25 +181,54 @@ def chat(argv: Sequence[str] = ()) -> None:
     if args.no_preamble:  # base members read the bare transcript (the A/B of roles.PREAMBLE)
         from lvr_local.decoding import roles
 
-        roles.PREAMBLE = ""
+        roles.PREAMBLE = roles.EXAMPLE = ""
     settings = _settings_from(args.set).for_mode("chat")
     shown = {k: getattr(settings, k) for k in PROFILES["chat"]} | _parse_sets(args.set)
     budget = settings.max_pieces
     print(f"{len(CHAT_PROMPTS)} chat prompts x {args.seeds} seeds, {budget} pieces, {shown}")
     runner = Runner(BUNDLED, settings).load()
     configs = _configs(runner, args)
-    print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-{args.first_seeds}:")
+    if args.first_seeds:
+        _print_first_command(runner, settings, configs, args.first_seeds)
+    if args.seeds:
+        _print_chat(runner, settings, configs, args.seeds)
+    if not args.no_score:
+        print_rule_scores(runner)
+    runner.close()
+
+
+Config = tuple[str, list[bool], dict]
+
+
+def _count(text: str) -> int:
+    """A number of seeds: 0 skips that part of the benchmark."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number >= 0")
+    return value
+
+
+def _print_first_command(
+    runner: Runner, settings: RunSettings, configs: list[Config], seeds: int
+) -> None:
+    print(f"the README's first command ({FIRST_COMMAND!r}), seeds 1-{seeds}:")
     for label, enabled, changed in configs:
         runner.set_enabled(enabled)
-        f = first_command(runner, replace(settings, **changed), args.first_seeds)
+        f = first_command(runner, replace(settings, **changed), seeds)
         print(
             f"  {label:<22} neither echoed nor ran to the budget {f.good:>2}/{f.seeds} "
             f"(echoed {f.echoed}, ran to the budget {f.to_budget})",
             flush=True,
         )
+
+
+def _print_chat(runner: Runner, settings: RunSettings, configs: list[Config], seeds: int) -> None:
     print("chat prompts:")
     for label, enabled, changed in configs:
-        r = chat_replies(runner, replace(settings, **changed), enabled, args.seeds)
+        r = chat_replies(runner, replace(settings, **changed), enabled, seeds)
         print(
             f"  {label:<22} ended by END {r.ended:>2}/{r.replies}, "
             f"{r.mean_pieces:5.1f} pieces on average, repeated 4-grams "
@@ -207,12 +237,9 @@ def chat(argv: Sequence[str] = ()) -> None:
             flush=True,
         )
         print(f"    first reply: {r.texts[0]!r}", flush=True)
-    if not args.no_score:
-        print_rule_scores(runner)
-    runner.close()
 
 
-def _configs(runner: Runner, args: argparse.Namespace) -> list[tuple[str, list[bool], dict]]:
+def _configs(runner: Runner, args: argparse.Namespace) -> list[Config]:
     """The configurations to compare (benchmarks/common.py), each model alone over
     `--alone-over`; `--weights` set on the members for every ensemble."""
     configs = [

@@ -147,9 +147,11 @@ class Ensemble:
 
     def start_chat(self, messages: Sequence[Message]) -> None:
         """Condition every enabled member on a conversation in its own format: a chat
-        member with its chat template, a base member as a plain transcript."""
+        member with its chat template, a base member as a plain transcript (with an
+        example exchange when no chat member takes part: it carries the turn alone)."""
         self._known = b""
-        self._start(lambda m: self._chat_prompt(m, messages), chat=True)
+        led = any(m.enabled and m.role != "base" for m in self.members)
+        self._start(lambda m: self._chat_prompt(m, messages, example=not led), chat=True)
 
     def _raw_prompt(self, member: Member, text: bytes) -> PreparedPrompt:
         """The lossless method holds a tail back for the byte-level phase. The naive
@@ -158,9 +160,14 @@ class Ensemble:
         hold_back = self.method == "lossless" or self.sub.kind == "bytes"
         return prepare_raw(member.backend, member.vocab, text, hold_back=hold_back)
 
-    def _chat_prompt(self, member: Member, messages: Sequence[Message]) -> PreparedPrompt:
+    def _chat_prompt(
+        self, member: Member, messages: Sequence[Message], example: bool
+    ) -> PreparedPrompt:
+        """A chat member's template; a base member's transcript, with the example
+        exchange when no chat member takes part (roles.py, EXAMPLE)."""
         if member.role == "base":
-            return self._raw_prompt(member, format_transcript(messages).encode("utf-8"))
+            text = format_transcript(messages, example=example)
+            return self._raw_prompt(member, text.encode("utf-8"))
         parts = chat_parts(member.chat_template, messages, model=member.name)
         return prepare_chat(member.backend, parts)
 

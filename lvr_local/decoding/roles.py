@@ -31,16 +31,22 @@ CHAT_NAME = re.compile(r"(instruct|chat|(^|[\s_-])it($|[\s_-]))", re.IGNORECASE)
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATORS = ("\nUser:", "\nAssistant:")
 
-# What the transcript begins with: who is speaking, and one finished exchange, so that
-# a base model reads the assistant's line as an answer to write, not as a line to copy.
-# Without it Gemma 3 270M echoed the README's first command in 4 of 10 seeds (README,
-# "Measured"). The exchange is content-free on purpose: its words leak into replies.
+# What the transcript begins with: who is speaking and how the assistant answers, so
+# that a base model reads the assistant's line as an answer to write, not as a line to
+# copy. Beside a chat member, nothing more: after a finished example exchange the base
+# member announced its answer ("I'll write a haiku about the wind.") or took up the
+# example's words, and the default ensemble's first-command replies were usable 70
+# times in 90 seeds with "Hello." answered, 82 with the line alone (README, "Measured").
 PREAMBLE = (
     "A chat between a curious user and a helpful assistant. The assistant answers each "
     "request directly, in its own words.\n\n"
-    "User: Hello.\n"
-    "Assistant: Hello. What can I do for you?\n"
 )
+# A base model with no chat member beside it carries the turn alone: one short question
+# answered in a word shows it an answer that comes at once and a turn that ends. Gemma 3
+# 270M alone then wrote a usable first-command reply in 29 of 30 seeds (21 with the line
+# alone), and answers "What is the capital of France?" with "Paris." where the line
+# alone had it restate the question.
+EXAMPLE = "User: What is 2 + 2?\nAssistant: 4.\n"
 
 
 def detect_role(vocab: Vocabulary, chat_template: str | None = None) -> str:
@@ -58,8 +64,10 @@ def role_from_metadata(has_chat_template: bool, finetune: str | None, name: str 
     return "chat" if CHAT_NAME.search(name or "") else "base"
 
 
-def format_transcript(messages: Sequence[Message]) -> str:
-    """A conversation as plain text for a base model: the preamble, then one line per
-    message, ending where the assistant's reply begins: "User: ...\\nAssistant: "."""
+def format_transcript(messages: Sequence[Message], example: bool = False) -> str:
+    """A conversation as plain text for a base model: the preamble (and EXAMPLE when
+    `example`: no chat member is taking part), then one line per message, ending where
+    the assistant's reply begins: "User: ...\\nAssistant: "."""
     lines = [f"{SPEAKERS[m.role]}: {m.content.strip()}" for m in messages]
-    return PREAMBLE + "\n".join([*lines, f"{SPEAKERS['assistant']}: "])
+    head = PREAMBLE + (EXAMPLE if example else "")
+    return head + "\n".join([*lines, f"{SPEAKERS['assistant']}: "])
