@@ -153,11 +153,13 @@ def test_a_stop_string_inside_a_piece_keeps_the_piece_s_head(smol: Member, gemma
     """A stop string that begins inside a multi-byte piece: the text is cut exactly where
     it begins, and the bytes of that piece before it are kept. The stop string is the
     greedy reply's own text from inside its first multi-byte piece to the end, so the
-    test holds whatever the reply is."""
+    test holds whatever the reply is. 32 pieces: the reply's first bytes are single-byte
+    pieces while the members' tokenizations of the transcript's tail settle (the
+    byte-level phase, docs/algorithm.md §6)."""
     ensemble = Ensemble([smol, gemma], sub_vocab="mcv")
     try:
         ensemble.start_chat([Message("user", "Name three colours.")])
-        events = pieces(ensemble, 12)
+        events = pieces(ensemble, 32)
         text = b"".join(e.text for e in events)
         starts = np.cumsum([0] + [len(e.text) for e in events[:-1]])
         inside = [  # (piece number, byte offset) of each place inside a multi-byte piece
@@ -171,7 +173,7 @@ def test_a_stop_string_inside_a_piece_keeps_the_piece_s_head(smol: Member, gemma
         stop = text[cut_at:].decode()
         ensemble.start_chat([Message("user", "Name three colours.")])
         stats = RunStats()
-        cut = list(generate(ensemble, GREEDY.choose, Budget(12, None, (stop,)), stats))
+        cut = list(generate(ensemble, GREEDY.choose, Budget(32, None, (stop,)), stats))
         kept = text.find(stop.encode())
         assert b"".join(c.text for c in cut) == text[:kept]
         assert stats.stop_reason == "stop" and stats.bytes == kept
