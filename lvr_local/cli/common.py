@@ -22,7 +22,13 @@ from lvr_local.llama.extra_buffers import SETTINGS as EXTRA_BUFFERS
 from lvr_local.llama.vocab_reader import load_vocabulary
 from lvr_local.runner.config import Config, ModelSpec, check_weights, load_config
 from lvr_local.runner.run import Runner
-from lvr_local.runner.settings import NUMERICS, PRECISIONS, RunSettings, with_overrides
+from lvr_local.runner.settings import (
+    NUMERICS,
+    PRECISIONS,
+    SAMPLE_ON,
+    RunSettings,
+    with_overrides,
+)
 from lvr_local.runner.sources import resolve_source
 from lvr_local.runner.stores import is_store_name
 
@@ -199,7 +205,7 @@ sampling_options = _options(
         click.option("--seed", type=int, help="Random seed, for reproducible sampling."),
         click.option(
             "--sample-on",
-            type=click.Choice(["tokens", "pieces"]),
+            type=click.Choice(SAMPLE_ON),
             help="Where temperature, top-k, top-p, min-p and the penalties act: on each "
             "model's own tokens, as llama.cpp samples it alone (default), or on the "
             "combined pieces.",
