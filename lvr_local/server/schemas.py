@@ -56,7 +56,9 @@ class EnsembleFields(Strict):
     max_branches: int | None = None
     token_top_k: int | None = None
     sample_on: str | None = Field(
-        None, description="pieces | tokens: where temperature, top-k, top-p and min-p act"
+        None,
+        description="tokens | pieces: where temperature, top-k, top-p, min-p and the "
+        "penalties act: each model's own tokens (default) or the combined pieces",
     )
     top_k: int | None = None
     min_p: float | None = None
