@@ -5,13 +5,14 @@ separator; END comes from the chat member."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from lvr_local.benchmarks.chat import echoes
+from lvr_local.benchmarks.chat import echoes, score_rules
 from lvr_local.core.chat import Message
 from lvr_local.runner.config import default_config_path, load_config
 from lvr_local.runner.run import Runner
@@ -66,10 +67,12 @@ def test_a_base_model_alone_ends_its_turn_at_the_transcript_separator(runner: Ru
     assert run.stats.bytes == len(run.text.encode("utf-8"))
 
 
-def test_end_comes_from_the_chat_member(runner: Runner) -> None:
+@pytest.mark.parametrize("defer", [0.0, 1.0])
+def test_end_comes_from_the_chat_member(runner: Runner, defer: float) -> None:
     """Under the mean, the ensemble's END is SmolLM2's own; every other piece is the
-    mean of the two members' distributions given no END, scaled by 1 - END."""
-    settings = replace(runner.settings, combine="mean").for_mode("chat")
+    weighted mean of the two members' distributions given no END, scaled by 1 - END,
+    Gemma's weight deferring to SmolLM2's surest piece (docs/algorithm.md §7.6)."""
+    settings = replace(runner.settings, combine="mean", defer=defer).for_mode("chat")
     ensemble = runner.ensemble_for(settings)
     ensemble.mixing = settings.mixing()
     ensemble.start_chat([Message("user", "Say hi.")])
@@ -80,6 +83,21 @@ def test_end_comes_from_the_chat_member(runner: Runner) -> None:
     end = ensemble.end_id
     assert p[end] == pytest.approx(logq[0, end], abs=1e-9)
     q = np.exp(logq)
+    w = np.array([1.0, (1.0 - q[0].max()) ** defer])
     given_not_end = q[:, :end] / (1 - q[:, end : end + 1])
-    expected = (1 - q[0, end]) * given_not_end.mean(axis=0)
+    expected = (1 - q[0, end]) * (w @ given_not_end) / w.sum()
     assert np.allclose(np.exp(p[:end]), expected, atol=1e-9)
+    assert ensemble.step_weights()[1] == pytest.approx(w[1] / w.sum())
+
+
+def test_the_benchmark_scores_each_model_as_lvr_score_does(runner: Runner) -> None:
+    """`python -m lvr_local.benchmarks chat` prints bits/byte per model and per rule from
+    one pass; each model's must be `lvr score`'s (it once pruned as generation does and
+    lost a byte of SmolLM2's: infinite bits/byte)."""
+    text = b"The sea was calm, and the boats came home before the storm.\n"
+    bpb = score_rules(runner, text)
+    record = runner.score(text).run()
+    for name, model in record["models"].items():
+        assert bpb[name] == pytest.approx(model["bits_per_byte"], abs=1e-3)
+    assert all(math.isfinite(v) for v in bpb.values()), bpb
+    assert bpb["product"] <= max(bpb[m.name] for m in runner.members)  # Hölder (§7)

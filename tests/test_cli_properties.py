@@ -24,6 +24,7 @@ from lvr_local.runner.settings import SCHEMA
 # --option -> the setting it sets (None: not a run setting)
 NUMERIC_OPTIONS = {
     "--switch-rate": "switch_rate",
+    "--defer": "defer",
     "--prune": "prune",
     "--text-prune": "text_prune",
     "--max-branches": "max_branches",

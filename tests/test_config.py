@@ -155,6 +155,7 @@ def test_overrides_are_checked() -> None:
         {"dry_base": 0.5},
         {"repeat_last_n": -2},
         {"switch_rate": 1},
+        {"defer": -1},
         {"calibrate": 1},
         {"dry_sequence_breakers": [1]},
     ):
@@ -177,7 +178,7 @@ def test_every_setting_has_one_default_and_a_check() -> None:
     assert options == EngineOptions(
         prune=DEFAULT_PRUNE, max_branches=DEFAULT_MAX_BRANCHES, fresh_prune=DEFAULT_FRESH_PRUNE
     )
-    assert s.for_mode("raw").mixing() == Mixing("product")
+    assert s.for_mode("raw").mixing() == Mixing("product", defer=PROFILES["raw"]["defer"])
     assert s.for_mode("raw").repetition() == RepetitionParams()
     raw = s.for_mode("raw")
     assert s.budget().max_pieces == s.max_pieces and raw.sampling().temperature == raw.temperature

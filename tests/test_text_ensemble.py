@@ -21,7 +21,7 @@ from synthetic_lm import text_prob
 from test_byte_phase import PROMPT, make_members
 
 from lvr_local.benchmarks.code import HEADERS, complete_headers
-from lvr_local.core.combine import Mixing
+from lvr_local.core.combine import Mixing, NoPieceError
 from lvr_local.core.reduction import EngineOptions
 from lvr_local.decoding.ensemble import Ensemble
 from lvr_local.decoding.scheduling import CoreScheduler
@@ -47,10 +47,17 @@ def brute_next(members, heads, tails, text: bytes) -> np.ndarray:
     return np.array(rows)
 
 
-def documented_rule(logq: np.ndarray, weights: list[float], rule: str) -> np.ndarray:
+def documented_rule(
+    logq: np.ndarray, weights: list[float], rule: str, defer: float = 0.0
+) -> np.ndarray:
     """docs/algorithm.md §7, written out in probabilities: mean sum_i w_i q_i / sum w;
-    product prod_i q_i^(w_i / sum w) renormalised; max max_i w_i q_i renormalised."""
-    q, w = np.exp(logq), np.asarray(weights) / sum(weights)
+    product prod_i q_i^(w_i / sum w) renormalised; max max_i w_i q_i renormalised. With
+    `defer`, §7.6 first: the second member (the base one) has its weight times
+    (1 - the first member's largest probability) ** defer."""
+    q, w = np.exp(logq), np.asarray(weights, dtype=np.float64)
+    assert q[0].sum() == pytest.approx(1.0, abs=1e-12)  # the row holds every piece
+    w = w * np.array([1.0, (1.0 - q[0].max()) ** defer])
+    w = w / w.sum()
     if rule == "mean":
         p = w @ q
     elif rule == "product":
@@ -68,46 +75,92 @@ def prompt_split(member) -> tuple[tuple[int, ...], bytes]:
 
 
 @pytest.mark.parametrize(
-    ("rule", "weights"),
-    [("mean", [1.0, 1.0]), ("mean", [3.0, 1.0]), ("product", [1.0, 1.0]), ("max", [1.0, 2.0])],
+    ("rule", "weights", "defer"),
+    [
+        ("mean", [1.0, 1.0], 0.0),
+        ("mean", [3.0, 1.0], 0.0),
+        ("product", [1.0, 1.0], 0.0),
+        ("max", [1.0, 2.0], 0.0),
+        ("product", [1.0, 1.0], 1.0),
+        ("product", [1.0, 2.0], 3.0),
+        ("mean", [1.0, 1.0], 1.0),
+    ],
 )
 def test_every_short_text_has_the_probability_of_the_rule_applied_per_byte(
-    rule: str, weights: list[float]
+    rule: str, weights: list[float], defer: float
 ) -> None:
+    """With defer > 0 the second member is a base model, deferring to the first."""
     members = make_members()
     for m, w in zip(members, weights, strict=True):
         m.weight = w
-    mixing = Mixing(rule)
+    members[1].role = "base" if defer else "chat"
     ensemble = Ensemble(
         members,
         sub_vocab="bytes",
-        mixing=mixing,
+        mixing=Mixing(rule, defer=defer),
         options=EXACT,
         scheduler=CoreScheduler(concurrent=False),
     )
-    checked = 0
     try:
-        for length in range(4):
-            for text in map(bytes, itertools.product(ALPHABET, repeat=length)):
-                ensemble.start_raw(PROMPT)
-                heads, tails = zip(*(prompt_split(m) for m in members), strict=True)
-                engine_logp, brute_logp = 0.0, 0.0
-                for i, value in enumerate(text):
-                    rows = brute_next(members, heads, tails, text[:i])
-                    brute = documented_rule(rows, weights, rule)
-                    piece = ensemble.piece_id(bytes([value]))
-                    event = ensemble.force(piece, i)  # no text ahead: as generation sees it
-                    engine_logp += event.logprob
-                    brute_logp += brute[ALPHABET.index(value)]
-                end = documented_rule(brute_next(members, heads, tails, text), weights, rule)[-1]
-                engine_end = ensemble.combined(ensemble.distributions())[ensemble.end_id]
-                total, expected = engine_logp + engine_end, brute_logp + end
-                assert math.isfinite(expected)
-                assert total == pytest.approx(expected, abs=1e-9), text
-                checked += 1
+        checked = sum(check_text(ensemble, text, weights, rule, defer) for text in short_texts())
     finally:
         ensemble.close()
     assert checked == sum(len(ALPHABET) ** n for n in range(4))
+
+
+def short_texts() -> Iterator[bytes]:
+    for length in range(4):
+        yield from map(bytes, itertools.product(ALPHABET, repeat=length))
+
+
+def check_text(
+    ensemble: Ensemble, text: bytes, weights: list[float], rule: str, defer: float
+) -> bool:
+    """The ensemble's probability of `text` then END, forced byte by byte as generation
+    sees it (no text ahead), against the documented rule over brute-force rows."""
+    members = ensemble.members
+    ensemble.start_raw(PROMPT)
+    heads, tails = zip(*(prompt_split(m) for m in members), strict=True)
+    engine_logp, brute_logp = 0.0, 0.0
+    for i, value in enumerate(text):
+        rows = brute_next(members, heads, tails, text[:i])
+        brute = documented_rule(rows, weights, rule, defer)
+        event = ensemble.force(ensemble.piece_id(bytes([value])), i)
+        engine_logp += event.logprob
+        brute_logp += brute[ALPHABET.index(value)]
+    end = documented_rule(brute_next(members, heads, tails, text), weights, rule, defer)[-1]
+    engine_end = ensemble.combined(ensemble.distributions())[ensemble.end_id]
+    total, expected = engine_logp + engine_end, brute_logp + end
+    assert math.isfinite(expected)
+    assert total == pytest.approx(expected, abs=1e-9), text
+    return True
+
+
+@pytest.mark.parametrize("roles", [("chat", "base"), ("chat", "chat")])
+def test_where_supports_do_not_meet_the_chat_member_takes_the_step(roles) -> None:
+    """Under the product two members whose kept branches allow no piece in common leave
+    nothing to choose (a real run met it with Gemma pruned down to one branch). The chat
+    member then takes the step alone; with no base member to set aside it is an error."""
+    members = make_members()
+    for m, role in zip(members, roles, strict=True):
+        m.role = role
+    ensemble = Ensemble(members, sub_vocab="bytes", mixing=Mixing("product", defer=1.0))
+    try:
+        ensemble.start_raw(PROMPT)
+        logq = ensemble.distributions()
+        a, b = ensemble.piece_id(b"a"), ensemble.piece_id(b"b")
+        logq[0], logq[1] = -np.inf, -np.inf
+        logq[0, [a, b]] = np.log([0.6, 0.4])
+        logq[1, ensemble.end_id] = 0.0  # the base member allows nothing the chat one does
+        if roles[1] == "chat":
+            with pytest.raises(NoPieceError, match="no piece is possible"):
+                ensemble.combined(logq)
+            return
+        logp = ensemble.combined(logq)
+        assert np.allclose(logp, logq[0])
+        assert list(ensemble.step_weights()) == [1.0, 0.0]
+    finally:
+        ensemble.close()
 
 
 def test_the_members_cut_the_checked_texts_differently() -> None:

@@ -84,34 +84,37 @@ def chat_replies(
 
 def score_rules(runner: Runner, text: bytes) -> dict[str, float]:
     """Bits/byte of `text` over bytes for each member and each rule with default (equal)
-    weights (and the uncalibrated product), all from one pass: the rules combine the
-    same rows."""
-    from lvr_local.core.combine import Mixing, combine, mixing_weights
+    weights (and the uncalibrated product, and the product with base members deferring,
+    docs/algorithm.md §7.6), all from one pass: the rules combine the same rows."""
+    from lvr_local.core.combine import Mixing, combine, deferred, mixing_weights
     from lvr_local.core.posterior import Posterior
+    from lvr_local.decoding.byte_phase import byte_pieces
 
     runner.set_enabled([True] * len(runner.members))
-    ensemble = runner.ensemble_for(RunSettings(sub_vocab="bytes"))
-    ensemble.start_raw(b"")
+    ensemble = runner.scoring_ensemble()
+    ensemble.start_raw(b"", known=text)  # as scoring: pruning keeps what can spell the text
     prior = [m.weight for m in runner.members]
     posterior = Posterior(prior)
     rules = {
         "mean": Mixing("mean"),
         "product": Mixing("product"),
         "product (1, 1)": Mixing("product", calibrate=False),
+        "product, defer 1": Mixing("product", defer=1.0),
         "max": Mixing("max"),
     }
+    leads = [m.role != "base" for m in runner.members]
     totals = dict.fromkeys([m.name for m in runner.members] + [*rules, "bayes"], 0.0)
-    for value in text:
-        piece = ensemble.piece_id(bytes([value]))
-        assert piece is not None
+    pieces = byte_pieces(ensemble.sub, text)
+    for index, piece in enumerate(pieces.tolist()):
         logq = ensemble.distributions()
         for i, m in enumerate(runner.members):
             totals[m.name] += logq[i, piece]
         for name, mixing in rules.items():
-            totals[name] += combine(logq, mixing_weights(prior, mixing), mixing.rule)[piece]
+            w = mixing_weights(deferred(prior, logq, leads, mixing.defer), mixing)
+            totals[name] += combine(logq, w, mixing.rule)[piece]
         totals["bayes"] += combine(logq, posterior.weights, "bayes")[piece]
         posterior.update(logq[:, piece])
-        ensemble.force(piece)
+        ensemble.force(piece, index, ahead=pieces[index + 1 :])
     return {k: -v / (len(text) * math.log(2)) for k, v in totals.items()}
 
 
@@ -280,5 +283,5 @@ def print_rule_scores(runner: Runner) -> None:
     best = min(bpb[m.name] for m in runner.members)
     print(f"bits/byte on {ENGLISH.name} ({len(text)} bytes, over bytes, equal weights):")
     for name, value in bpb.items():
-        print(f"  {name:<14} {value:.4f}  ({value - best:+.4f} against the better model)")
+        print(f"  {name:<16} {value:.4f}  ({value - best:+.4f} against the better model)")
     print(f"  bayes bound: best + log2({n})/n_bytes = {best + math.log2(n) / len(text):.4f}")

@@ -147,6 +147,13 @@ model_options = _options(
             "(fixed share; 0 = plain Bayes).",
         ),
         click.option(
+            "--defer",
+            type=float,
+            help="Scale each base model's weight by (1 - the surest chat model's top "
+            "probability) ** DEFER at every piece (0 = off; default 3 in raw completion, "
+            "0 in a conversation and when scoring).",
+        ),
+        click.option(
             "--prune",
             type=float,
             help="Generation: drop tokenization branches below this share of the total.",
@@ -243,6 +250,7 @@ SETTING_FLAGS = (
     "combine",
     "calibrate",
     "switch_rate",
+    "defer",
     "prune",
     "fresh_prune",
     "text_prune",

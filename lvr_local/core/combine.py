@@ -26,11 +26,23 @@ RULES = ("mean", "product", "max", "bayes")
 class Mixing:
     """How members combine: the rule; whether product exponents are calibrated (scaled
     so that the positive ones sum to 1: a weighted geometric mean, no sharper than its
-    members); and bayes's switching rate (0: the plain posterior; > 0: fixed share)."""
+    members); bayes's switching rate (0: the plain posterior; > 0: fixed share); and how
+    strongly base members defer to a sure chat member (0: not at all; `deferred`)."""
 
     rule: str = "mean"
     calibrate: bool = True
     switch_rate: float = 0.0
+    defer: float = 0.0
+
+
+class NoPieceError(LvrError):
+    """Every piece is impossible under the combined distribution: under the product, the
+    members' supports do not meet (in practice pruning's doing: their kept branches
+    continue the text in different ways). The ensemble can then let the chat members
+    take the step alone (decoding/ensemble.py, `Ensemble.combined`)."""
+
+    def __init__(self) -> None:
+        super().__init__("no piece is possible under the combined distribution")
 
 
 def mixing_weights(weights: Sequence[float], mixing: Mixing) -> np.ndarray:
@@ -46,6 +58,24 @@ def mixing_weights(weights: Sequence[float], mixing: Mixing) -> np.ndarray:
     return w / total if total > 0 else w
 
 
+def deferred(
+    weights: Sequence[float], logq: np.ndarray, leads: Sequence[bool], power: float
+) -> np.ndarray:
+    """The configured weights for one step, each follower's (a row not in `leads`)
+    scaled by the leads' doubt, `(1 - c) ** power`, where c is the surest lead's
+    probability of its likeliest piece (docs/algorithm.md §7.6). A base model beside a
+    chat model then speaks where the chat model hesitates and falls silent where it is
+    sure, instead of pulling it off its course with the same say at every piece.
+    Unchanged with power 0, with no lead or no follower."""
+    w = np.asarray(weights, dtype=np.float64).copy()
+    leads = np.asarray(leads, dtype=bool)
+    if power <= 0 or not leads.any() or leads.all():
+        return w
+    sure = float(np.exp(np.max(logq[leads])))
+    w[~leads] *= max(0.0, 1.0 - sure) ** power  # a row's top may round a hair above 1
+    return w
+
+
 # A negative weight rewards pieces the model finds unlikely; an impossible piece would
 # get +inf. Its log-probability is floored here instead (e^-50 ~ 2e-22).
 NEGATIVE_WEIGHT_FLOOR = -50.0
@@ -55,7 +85,7 @@ def log_normalise(scores: np.ndarray) -> np.ndarray:
     """Log-scores shifted so that their probabilities sum to 1 (the product and max rules
     give unnormalised scores); an error when every piece scores -inf."""
     if not np.isfinite(np.max(scores)):
-        raise LvrError("no piece is possible under the combined distribution")
+        raise NoPieceError()
     return scores - logsumexp_array(scores)
 
 
@@ -131,7 +161,7 @@ def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
     rows = logq[active]
     if len(rows) == 1:  # one model: its own distribution (rows are normalised)
         if not np.isfinite(np.max(rows[0])):
-            raise LvrError("no piece is possible under the combined distribution")
+            raise NoPieceError()
         return rows[0]
     weights = w[active] / w[active].sum()
     # In probability space: one exp per entry, no per-piece maximum (the step's serial
@@ -139,7 +169,7 @@ def _mean(logq: np.ndarray, w: np.ndarray) -> np.ndarray:
     mixed = weights @ np.exp(rows)
     total = float(mixed.sum())
     if not total > 0.0:
-        raise LvrError("no piece is possible under the combined distribution")
+        raise NoPieceError()
     with np.errstate(divide="ignore"):
         out = np.log(mixed / total)
     _repair_underflow(out, rows, np.log(weights) - np.log(total))

@@ -25,7 +25,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lvr_local.core.chat import Message
-from lvr_local.core.combine import RULES, Mixing, combine, dominant_model, mixing_weights
+from lvr_local.core.combine import (
+    RULES,
+    Mixing,
+    NoPieceError,
+    combine,
+    deferred,
+    dominant_model,
+    mixing_weights,
+)
 from lvr_local.core.decompose import DecompositionTables, decomposition_tables
 from lvr_local.core.lm import TokenPrefix
 from lvr_local.core.naive import NaiveState
@@ -109,6 +117,7 @@ class Ensemble:
         self._known = b""
         self._can_end: list[bool] = []
         self._posterior: Posterior | None = None
+        self._step_weights: np.ndarray | None = None  # the rule's weights at the last step
         self._phase_sub = self.sub
         self.turn_separators: tuple[bytes, ...] = ()  # reply text that ends the turn
         # Sampled generation: llama.cpp's sampler on each member's own tokens (§7.5),
@@ -183,6 +192,7 @@ class Ensemble:
         base = not all(self._can_end[i] for i in live)
         self.turn_separators = tuple(s.encode("utf-8") for s in TURN_SEPARATORS) if base else ()
         self._posterior = None
+        self._step_weights = None
         if self.rule == "bayes":
             prior = [m.weight if i in live else 0.0 for i, m in enumerate(self.members)]
             self._posterior = Posterior(prior, self.mixing.switch_rate)
@@ -288,25 +298,58 @@ class Ensemble:
             for s, d in zip(states, decodes, strict=True)
         ]
 
-    def mix_weights(self) -> np.ndarray:
+    def mix_weights(self, logq: np.ndarray | None = None) -> np.ndarray:
         """The weights the rule uses for the next piece, one per member (0 for a member
         out of this generation): the posterior under bayes, else the configured weights
-        normalised (product exponents calibrated unless asked not to)."""
+        normalised (product exponents calibrated unless asked not to). Given the step's
+        rows `logq`, base members first defer to the surest chat member (Mixing.defer;
+        core/combine.py, `deferred`)."""
         if self.rule == "bayes" and self._posterior is not None:
             return self._posterior.weights
         live = [m.weight if ok else 0.0 for m, ok in zip(self.members, self._live, strict=True)]
+        if logq is not None:
+            leads = [
+                ok and m.role != "base" for m, ok in zip(self.members, self._live, strict=True)
+            ]
+            live = deferred(live, logq, leads, self.mixing.defer)
         return mixing_weights(live, self.mixing)
+
+    def step_weights(self) -> np.ndarray:
+        """For front ends that show them: the weights the rule used at the last step
+        (base members' deferral included), or the posterior now under bayes; before
+        any step, `mix_weights()`."""
+        last = self._step_weights
+        return last if last is not None and self.rule != "bayes" else self.mix_weights()
 
     def combined(self, logq: np.ndarray) -> np.ndarray:
         """The ensemble's next-piece log-distribution from the members' rows `logq`
         (one per member): the rule over the members taking part with nonzero weight,
-        END from those that can end a turn (core/combine.py, `combine`)."""
-        w = self.mix_weights()
+        END from those that can end a turn (core/combine.py, `combine`). Where their
+        supports do not meet, the chat members take the step alone (§7.6)."""
+        w = self.mix_weights(logq)
         active = [i for i in range(len(self.members)) if self._live[i] and w[i] != 0]
         if not active:
             raise LvrError("every model is disabled, has weight 0, or cannot follow the text")
-        can_end = [self._can_end[i] for i in active]
-        return combine(logq[active], w[active], self.rule, can_end)
+        try:
+            logp = combine(logq[active], w[active], self.rule, [self._can_end[i] for i in active])
+        except NoPieceError:
+            w, logp = self._leads_alone(logq, w, active)
+        self._step_weights = w
+        return logp
+
+    def _leads_alone(
+        self, logq: np.ndarray, w: np.ndarray, active: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The step when the members' supports do not meet: the chat members' rule
+        alone, the base members' weights 0 for it. A base member's kept branches then
+        come back or it leaves the reply, as for any piece it cannot spell (§4). With no
+        base member taking part there is nobody to set aside: the error stands."""
+        leads = [i for i in active if self.members[i].role != "base"]
+        if not leads or len(leads) == len(active):
+            raise NoPieceError()
+        alone = np.zeros_like(w)
+        alone[leads] = mixing_weights(w[leads], self.mixing)
+        return alone, combine(logq[leads], alone[leads], self.rule)
 
     def step(
         self, choose: Callable[[np.ndarray], int], index: int = 0, top_n: int = 0
@@ -335,7 +378,7 @@ class Ensemble:
         ahead: Sequence[int] | None = None,
     ) -> PieceEvent:
         sub = self._phase_sub
-        mix = self.mix_weights()
+        mix = self.step_weights()  # those `logp` was combined with
         member_logq, pruned, left, revived = self._advance_members(piece, logq[:, piece], ahead)
         if logp[piece] == -np.inf:  # a forced piece only revived branches could spell
             if not any(self._live):

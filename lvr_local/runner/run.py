@@ -217,13 +217,25 @@ class Runner:
         _, ensemble = self._for_run(base, "raw" if messages is None else "chat", scoring=True)
         return Scoring(ensemble, text, prompt, messages)
 
+    def scoring_ensemble(self, settings: RunSettings | None = None) -> Ensemble:
+        """The ensemble as `score` sets it up for a raw prompt (llama.cpp's exact path, no
+        sampler, `defer` 0 unless set), for callers that read every step's rows: the
+        rule benchmark combines them by several rules at once."""
+        base = replace(settings or self.settings, sub_vocab="bytes")
+        return self._for_run(base, "raw", scoring=True)[1]
+
     def _for_run(
         self, settings: RunSettings | None, mode: str, *, scoring: bool = False
     ) -> tuple[RunSettings, Ensemble]:
         """The settings of a run in `mode` (its profile fills what is not set), the
         members on the numeric path it needs, and the ensemble, combining by those
-        settings' rule (set per run: no rebuild)."""
-        resolved = (settings or self.settings).for_mode(mode)
+        settings' rule (set per run: no rebuild). Scoring leaves `defer` at 0 unless it
+        was set: deferring decides who writes a reply, and it predicts a given text
+        worse (docs/algorithm.md §7.6)."""
+        settings = settings or self.settings
+        if scoring and settings.defer is None:
+            settings = replace(settings, defer=0.0)
+        resolved = settings.for_mode(mode)
         exact = resolved.exact_numerics(scoring)
         for backend in self.backends:
             backend.set_exact(exact)
@@ -323,7 +335,7 @@ class Run:
         """Counters since the run began, for live panels."""
         now = self.runner.counters()
         pruned = self.ensemble.pruned_mass()
-        mix = self.ensemble.mix_weights()
+        mix = self.ensemble.step_weights()
         members = tuple(
             MemberFigures(
                 name=m.name,
@@ -342,7 +354,7 @@ class Run:
         """The run's JSON record: text, counts, stop reason, settings and each model
         (its role, configured weight, and the weight the rule gave it last)."""
         ens, settings = self.ensemble, self.settings
-        mix = ens.mix_weights()
+        mix = ens.step_weights()
         record: dict[str, Any] = {
             "text": self.text,
             "pieces": self.stats.pieces,

@@ -57,6 +57,7 @@ _REPETITION = RepetitionParams()  # llama.cpp's defaults: every penalty off
 PROFILES: dict[str, dict[str, Any]] = {
     "chat": {
         "combine": "product",
+        "defer": 0.0,
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
@@ -65,6 +66,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "raw": {
         "combine": "product",
+        "defer": 3.0,
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,
@@ -83,7 +85,8 @@ class RunSettings:
     exact for scoring, fast for generation; docs/algorithm.md §8), precision (of the
     engine's full-vocabulary exp: float32, or float64 for the last ~1e-7 nats; README,
     "Exactness"). Reduction
-    (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, prune
+    (docs/algorithm.md §4-7): sub_vocab, method, combine, calibrate, switch_rate, defer
+    (how strongly base members give way to a sure chat member, §7.6), prune
     (generation), fresh_prune (generation, new branches: they cost a forward pass),
     text_prune (known text: scoring, forced prompt tails), max_branches,
     token_top_k. Sampling: temperature, top_k, top_p, min_p, seed, and sample_on: where
@@ -106,6 +109,7 @@ class RunSettings:
     combine: str | None = None
     calibrate: bool = Mixing.calibrate
     switch_rate: float = Mixing.switch_rate
+    defer: float | None = None
     prune: float = DEFAULT_PRUNE
     fresh_prune: float = DEFAULT_FRESH_PRUNE
     text_prune: float = DEFAULT_TEXT_PRUNE
@@ -159,7 +163,9 @@ class RunSettings:
         )
 
     def mixing(self) -> Mixing:
-        return Mixing(self._resolved("combine"), self.calibrate, self.switch_rate)
+        return Mixing(
+            self._resolved("combine"), self.calibrate, self.switch_rate, self._resolved("defer")
+        )
 
     def sampling(self) -> SamplingParams:
         values = (self._resolved(k) for k in ("temperature", "top_k", "top_p", "min_p"))
@@ -275,6 +281,7 @@ SCHEMA: dict[str, Check] = {
     "combine": ((str,), "one of " + ", ".join(RULES), lambda v: v in RULES),
     "calibrate": ((bool,), "true or false", None),
     "switch_rate": ((int, float), "a number in [0, 1) (0 = plain bayes)", lambda v: 0 <= v < 1),
+    "defer": ((int, float), "a number from 0 to 16 (0 = off)", lambda v: 0 <= v <= 16),
     "prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "fresh_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),
     "text_prune": ((int, float), "a number in [0, 1)", lambda v: 0 <= v < 1),

@@ -22,7 +22,7 @@ from lvr_local.server.schemas import ChatCompletionRequest, CommonFields, Comple
 ENSEMBLE_ID = "lvr-ensemble"
 # Extension fields that are run settings under the same name.
 SETTING_FIELDS = (
-    "combine", "sub_vocab", "method", "prune", "max_branches", "token_top_k", "top_k",
+    "combine", "defer", "sub_vocab", "method", "prune", "max_branches", "token_top_k", "top_k",
     "min_p", "max_bytes", "temperature", "top_p", "seed", "sample_on",
 )  # fmt: skip
 

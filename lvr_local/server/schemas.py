@@ -50,6 +50,11 @@ class EnsembleFields(Strict):
         None, description="Member weights, in /v1/models order or by member name."
     )
     combine: str | None = Field(None, description="mean | product | max")
+    defer: float | None = Field(
+        None,
+        description="How strongly base models give way to a sure chat model: each base "
+        "model's weight times (1 - the chat model's top probability) ** defer (0 = off)",
+    )
     sub_vocab: str | None = Field(None, description="auto | mcv | bytes | maxlen:K")
     method: str | None = Field(None, description="lossless | naive")
     prune: float | None = None

@@ -39,6 +39,7 @@ class SettingsScreen(ModalScreen[tuple[RunSettings, str] | None]):
     )
     FIELDS: ClassVar[tuple[tuple[str, str, str, type], ...]] = (
         ("switch_rate", "switch rate", "bayes: [0, 1)", float),
+        ("defer", "defer", "base models, 0 = off", float),
         ("sub_vocab", "sub-vocab", "auto | mcv | bytes | maxlen:K", str),
         ("temperature", "temperature", "0 = greedy", float),
         ("top_k", "top-k", "0 = off", int),
