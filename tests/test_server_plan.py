@@ -40,11 +40,13 @@ def test_openai_names_become_run_settings() -> None:
             stop="\n",
             combine="mean",
             sample_on="pieces",
+            defer=2.0,
         ),
         BASE,
         MEMBERS,
     )
     s = plan.settings
+    assert s.defer == 2.0 != BASE.defer
     assert (s.max_pieces, s.temperature, s.top_p, s.seed, s.stop) == (5, 0.7, 0.9, 3, ("\n",))
     assert s.sample_on == "pieces" != BASE.sample_on
     assert s.combine == "mean" and s.sub_vocab == BASE.sub_vocab
@@ -62,6 +64,7 @@ def test_openai_names_become_run_settings() -> None:
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "differ"),
         ({"sub_vocab": "words"}, "sub_vocab", "mcv, bytes, maxlen:K"),
         ({"sample_on": "bytes"}, "sample_on", "one of tokens, pieces"),
+        ({"defer": -1.0}, "defer", "from 0 to 16"),
         ({"seed": -1}, "seed", "0 to 2**63"),
         ({"n": 2}, "n", "must be 1"),
         ({"logit_bias": {"42": 1.0}}, "logit_bias", "no common token ids"),
