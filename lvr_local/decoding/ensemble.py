@@ -378,7 +378,6 @@ class Ensemble:
         ahead: Sequence[int] | None = None,
     ) -> PieceEvent:
         sub = self._phase_sub
-        mix = self.step_weights()  # those `logp` was combined with
         member_logq, pruned, left, revived = self._advance_members(piece, logq[:, piece], ahead)
         if logp[piece] == -np.inf:  # a forced piece only revived branches could spell
             if not any(self._live):
@@ -389,6 +388,7 @@ class Ensemble:
             logq = logq.copy()
             logq[:, piece] = member_logq
             logp = self.combined(logq)
+        mix = self.step_weights()  # those `logp` was combined with (bayes: not yet updated)
         if self._posterior is not None:
             self._posterior.update(member_logq)
         event = PieceEvent(
