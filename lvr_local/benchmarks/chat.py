@@ -49,6 +49,13 @@ class Replies:
     repeated_4grams: float  # the share of word 4-grams that occurred earlier in the reply
     replies_with_a_repeated_line: int
     texts: list[str]
+    # per round of seeds (one reply per prompt each): (ended by END, with a repeated line)
+    by_round: tuple[tuple[int, int], ...] = ()
+
+    def round_counts(self) -> str:
+        """Each round's replies ended by END and with a repeated line, e.g. "7/1 8/0":
+        the spread that the totals over the rounds hide."""
+        return " ".join(f"{ended}/{repeated}" for ended, repeated in self.by_round)
 
 
 def chat_replies(
@@ -62,15 +69,19 @@ def chat_replies(
     ended = pieces = rep = grams = bad_lines = 0
     texts = []
     n = len(CHAT_PROMPTS)
+    by_round = [[0, 0] for _ in range(seeds)]
     for seed, prompt in ((k * n + i, p) for k in range(seeds) for i, p in enumerate(CHAT_PROMPTS)):
         run = runner.chat([Message("user", prompt)], replace(settings, seed=seed))
         for _ in run:
             pass
-        ended += run.stats.stop_reason == "end"
+        end, repeated = run.stats.stop_reason == "end", repeated_lines(run.text) > 0
+        ended += end
         pieces += run.stats.pieces
         r, g = repeated_ngrams(run.text)
         rep, grams = rep + r, grams + g
-        bad_lines += repeated_lines(run.text) > 0
+        bad_lines += repeated
+        by_round[seed // n][0] += end
+        by_round[seed // n][1] += repeated
         texts.append(run.text)
     return Replies(
         ended=ended,
@@ -79,6 +90,7 @@ def chat_replies(
         repeated_4grams=rep / max(grams, 1),
         replies_with_a_repeated_line=bad_lines,
         texts=texts,
+        by_round=tuple((e, r) for e, r in by_round),
     )
 
 
@@ -102,7 +114,7 @@ def score_rules(runner: Runner, text: bytes) -> dict[str, float]:
         "product, defer 1": Mixing("product", defer=1.0),
         "max": Mixing("max"),
     }
-    leads = [m.role != "base" for m in runner.members]
+    leads = [m.leads for m in runner.members]
     totals = dict.fromkeys([m.name for m in runner.members] + [*rules, "bayes"], 0.0)
     pieces = byte_pieces(ensemble.sub, text)
     for index, piece in enumerate(pieces.tolist()):
@@ -239,6 +251,8 @@ def _print_chat(runner: Runner, settings: RunSettings, configs: list[Config], se
             f"{r.replies_with_a_repeated_line}",
             flush=True,
         )
+        if seeds > 1:
+            print(f"    per round of seeds (ended/with a repeated line): {r.round_counts()}")
         print(f"    first reply: {r.texts[0]!r}", flush=True)
 
 

@@ -159,7 +159,7 @@ class Ensemble:
         member with its chat template, a base member as a plain transcript (with an
         example exchange when no chat member takes part: it carries the turn alone)."""
         self._known = b""
-        led = any(m.enabled and m.role != "base" for m in self.members)
+        led = any(m.enabled and m.leads for m in self.members)
         self._start(lambda m: self._chat_prompt(m, messages, example=not led), chat=True)
 
     def _raw_prompt(self, member: Member, text: bytes) -> PreparedPrompt:
@@ -174,7 +174,7 @@ class Ensemble:
     ) -> PreparedPrompt:
         """A chat member's template; a base member's transcript, with the example
         exchange when no chat member takes part (roles.py, EXAMPLE)."""
-        if member.role == "base":
+        if not member.leads:
             text = format_transcript(messages, example=example)
             return self._raw_prompt(member, text.encode("utf-8"))
         parts = chat_parts(member.chat_template, messages, model=member.name)
@@ -187,7 +187,7 @@ class Ensemble:
             raise LvrError("every model is disabled")
         # In a conversation only chat members signal the end of a turn; a base member
         # ends it by starting the next one in its transcript.
-        self._can_end = [not chat or m.role != "base" for m in self.members]
+        self._can_end = [not chat or m.leads for m in self.members]
         live = [i for i, ok in enumerate(self._live) if ok]
         base = not all(self._can_end[i] for i in live)
         self.turn_separators = tuple(s.encode("utf-8") for s in TURN_SEPARATORS) if base else ()
@@ -308,9 +308,7 @@ class Ensemble:
             return self._posterior.weights
         live = [m.weight if ok else 0.0 for m, ok in zip(self.members, self._live, strict=True)]
         if logq is not None:
-            leads = [
-                ok and m.role != "base" for m, ok in zip(self.members, self._live, strict=True)
-            ]
+            leads = [ok and m.leads for m, ok in zip(self.members, self._live, strict=True)]
             live = deferred(live, logq, leads, self.mixing.defer)
         return mixing_weights(live, self.mixing)
 
@@ -344,7 +342,7 @@ class Ensemble:
         alone, the base members' weights 0 for it. A base member's kept branches then
         come back or it leaves the reply, as for any piece it cannot spell (§4). With no
         base member taking part there is nobody to set aside: the error stands."""
-        leads = [i for i in active if self.members[i].role != "base"]
+        leads = [i for i in active if self.members[i].leads]
         if not leads or len(leads) == len(active):
             raise NoPieceError()
         alone = np.zeros_like(w)

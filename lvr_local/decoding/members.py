@@ -44,3 +44,9 @@ class Member:
     role: str = "chat"
     enabled: bool = True
     auto_threads: bool = False
+
+    @property
+    def leads(self) -> bool:
+        """A chat member leads: it can end a conversation's turn (§7.1) and base members
+        defer to its certainty (§7.6). Any role but "base" is a chat role."""
+        return self.role != "base"
