@@ -150,7 +150,7 @@ model_options = _options(
             "--defer",
             type=float,
             help="Scale each base model's weight by (1 - the surest chat model's top "
-            "probability) ** DEFER at every piece (0 = off; default 3 in raw completion, "
+            "probability) ** DEFER at every piece (0 = off; default 5 in raw completion, "
             "0 in a conversation and when scoring).",
         ),
         click.option(
