@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 def system_configs(runner: Runner, rules: str, alone: bool) -> list[tuple[str, list[bool], dict]]:
-    """(label, members enabled, settings changed): each member alone over its own
-    vocabulary, then each ensemble of `rules` (RULE, or SUB:RULE such as mcv:bayes)."""
+    """(label, members enabled, settings changed): each member alone over the loaded
+    members' MCV (nearly its own tokens; the sub-vocabulary is built over every loaded
+    member), then each ensemble of `rules` (RULE, or SUB:RULE such as mcv:bayes)."""
     n = len(runner.members)
     configs = [
         (f"{m.name} alone", [j == i for j in range(n)], {"sub_vocab": "mcv"})
