@@ -66,31 +66,28 @@ def chat_replies(
     from lvr_local.core.chat import Message
 
     runner.set_enabled(enabled)
-    ended = pieces = rep = grams = bad_lines = 0
+    pieces = rep = grams = 0
     texts = []
     n = len(CHAT_PROMPTS)
-    by_round = [[0, 0] for _ in range(seeds)]
+    by_round = [[0, 0] for _ in range(seeds)]  # per round: [ended by END, repeated a line]
     for seed, prompt in ((k * n + i, p) for k in range(seeds) for i, p in enumerate(CHAT_PROMPTS)):
         run = runner.chat([Message("user", prompt)], replace(settings, seed=seed))
         for _ in run:
             pass
-        end, repeated = run.stats.stop_reason == "end", repeated_lines(run.text) > 0
-        ended += end
+        by_round[seed // n][0] += run.stats.stop_reason == "end"
+        by_round[seed // n][1] += repeated_lines(run.text) > 0
         pieces += run.stats.pieces
         r, g = repeated_ngrams(run.text)
         rep, grams = rep + r, grams + g
-        bad_lines += repeated
-        by_round[seed // n][0] += end
-        by_round[seed // n][1] += repeated
         texts.append(run.text)
     return Replies(
-        ended=ended,
+        ended=sum(ended for ended, _ in by_round),
         replies=len(texts),
         mean_pieces=pieces / len(texts),
         repeated_4grams=rep / max(grams, 1),
-        replies_with_a_repeated_line=bad_lines,
+        replies_with_a_repeated_line=sum(repeated for _, repeated in by_round),
         texts=texts,
-        by_round=tuple((e, r) for e, r in by_round),
+        by_round=tuple((ended, repeated) for ended, repeated in by_round),
     )
 
 
